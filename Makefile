@@ -1,0 +1,36 @@
+# FaceSense: `make train DATA=/path/to/fer2013` runs the main job; `make test` runs the tests.
+# Both create .venv and install the project into it on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= ../shared/fer2013
+SHARDS ?= data/shards
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test pack train bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision pinned to the builds this machine keeps on disk (no multi-GB download).
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+pack: $(STAMP)
+	$(BIN)/facesense pack $(DATA) --out $(SHARDS)
+	$(BIN)/facesense verify $(SHARDS)
+
+train: pack
+	@echo "Packed $(DATA) into $(SHARDS). Training (facesense train) is not built yet; stopping after pack."
+
+bench: $(STAMP)
+	$(BIN)/facesense bench pack --data $(DATA)
+
+clean:
+	rm -rf $(VENV) data build *.egg-info

@@ -1,0 +1,3 @@
+from facesense.cli import main
+
+main()

@@ -1,0 +1,96 @@
+"""The `facesense` command line: pack, verify, bench."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.errors import PackError, ShardError
+
+app = typer.Typer(help="FaceSense: fast, honest facial-expression training on FER2013.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks: images/s, recorded with machine, versions and commit.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def pack(
+    src: Path = typer.Argument(..., help="FER2013 source: the image-folder root (train/, test/) or fer2013.csv."),
+    out: Path = typer.Option(Path("data/shards"), "--out", "-o", help="Output directory for shards + manifest.json."),
+    format: str = typer.Option("auto", "--format", help="Source format: auto, folders or csv."),
+    ferplus: Optional[Path] = typer.Option(None, "--ferplus", help="fer2013new.csv: relabel the CSV source with FER+ majority votes (8 classes)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of unprefixed train images used as val when the source has no PublicTest images."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the val slice and the shuffled shard order."),
+    shard_size: int = typer.Option(8192, "--shard-size", help="Images per shard at most."),
+    workers: int = typer.Option(0, "--workers", help="Decoding processes (0 = all cores)."),
+    resize: bool = typer.Option(False, "--resize", help="Accept images that are not 48x48 and resize them."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad images/rows (listed in the manifest) instead of failing."),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Drop train images that duplicate val/test images, and near-blank train images."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when DIR is up to date."),
+):
+    """Pack FER2013 once into verified HDF5 shards (atomic; does nothing if up to date)."""
+    from pipeline.pack import PackOptions, pack as run_pack
+
+    opts = PackOptions(format=format, val_fraction=val_fraction, seed=seed, shard_size=shard_size,
+                       resize=resize, skip_bad=skip_bad, dedupe=dedupe,
+                       ferplus=str(ferplus.resolve()) if ferplus else None)
+    try:
+        manifest, built = run_pack(src, out, opts, workers=workers or os.cpu_count(), force=force)
+    except PackError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", 130)
+    if not built:
+        typer.echo(f"{out}: up to date with {src} (nothing to do; --force rebuilds)")
+        return
+    counts = ", ".join(f"{s} {e['count']}" for s, e in manifest["splits"].items())
+    dup = manifest["duplicates"]["summary"]
+    typer.echo(f"packed {out}: {counts}; {len(manifest['classes'])} classes; "
+               f"{dup['groups']} duplicate groups ({dup['cross_split_groups']} across splits, "
+               f"{dup['conflicting_label_groups']} with conflicting labels), {dup['near_blank']} near-blank"
+               + (f"; skipped {len(manifest['skipped'])} bad items" if manifest["skipped"] else ""))
+
+
+@app.command()
+def verify(data: Path = typer.Argument(..., help="Shard directory written by facesense pack.")):
+    """Re-hash every shard against manifest.json and check shapes, dtypes and labels."""
+    from pipeline.shards import verify as run_verify
+
+    try:
+        total = run_verify(data)
+    except ShardError as exc:
+        fail(str(exc))
+    typer.echo(f"{data}: OK ({total} images)")
+
+
+@bench_app.command("pack")
+def bench_pack(
+    data: Path = typer.Option(Path("../shared/fer2013"), "--data", help="FER2013 image-folder root."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="fer2013.csv to time; default: one made from --data."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed repeats (median reported)."),
+    json_path: Path = typer.Option(Path("benchmarks/results/pack-cpu.json"), "--json", help="Where to write results."),
+):
+    """Time pack on the folder and a CSV against a naive one-process PIL loop."""
+    from benchmarks.bench_pack import run
+
+    run(data, csv, repeats, json_path)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

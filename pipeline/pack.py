@@ -1,0 +1,226 @@
+"""`facesense pack`: FER2013 (image folders or CSV, optionally FER+ labels) -> verified HDF5 shards.
+
+The output appears atomically: everything is built in a hidden temporary directory
+beside DIR and renamed into place only when complete. An interrupted pack removes
+its temporary directory; one killed outright (SIGKILL) leaves it, and the next pack
+into the same DIR removes it. Rerunning on an unchanged source does nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import csv_source, folders
+from pipeline.classes import FER2013_CLASSES, FERPLUS_CLASSES, SPLITS
+from pipeline.duplicates import find_duplicates
+from pipeline.errors import PackError
+from pipeline.ferplus import DROP, read_ferplus
+from pipeline.shards import FORMAT_VERSION, MANIFEST, write_split
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    format: str = "auto"  # auto | folders | csv
+    val_fraction: float = 0.1  # val share of unprefixed train images (only when no PublicTest exists)
+    seed: int = 0  # seeds the val slice and the shuffled order written to shards
+    shard_size: int = 8192  # images per shard at most
+    resize: bool = False  # accept images of other sizes and resize them to 48x48
+    skip_bad: bool = False  # skip bad images/rows (listed in the manifest) instead of failing
+    dedupe: bool = False  # drop train images duplicating val/test, and near-blank train images
+    ferplus: str | None = None  # fer2013new.csv path: relabel the CSV source with FER+ majority votes
+
+
+@dataclass
+class Loaded:
+    """A source in memory, before splitting into shards."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray  # index into SPLITS
+    ids: list[str]
+    classes: tuple[str, ...]
+    skipped: list[dict]
+    notes: dict  # source-specific facts for the manifest
+
+
+def detect_format(src: Path, requested: str) -> str:
+    if requested not in ("auto", "folders", "csv"):
+        raise PackError(f"--format {requested!r}: expected auto, folders or csv")
+    if not src.exists():
+        raise PackError(f"{src}: no such file or directory")
+    fmt = requested if requested != "auto" else ("folders" if src.is_dir() else "csv")
+    if fmt == "folders" and not src.is_dir():
+        raise PackError(f"{src}: --format folders needs a directory with train/ and test/")
+    if fmt == "csv" and not src.is_file():
+        raise PackError(f"{src}: --format csv needs the fer2013.csv file, not a directory")
+    return fmt
+
+
+def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *, workers: int | None = None,
+         force: bool = False, show_progress: bool = True) -> tuple[dict, bool]:
+    """Pack src into out. Returns (manifest, built): built is False when out was already up to date."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    fmt = detect_format(src, opts.format)
+    if opts.ferplus and fmt != "csv":
+        raise PackError("--ferplus relabels the CSV source: pass fer2013.csv as SRC")
+    if not 0.0 < opts.val_fraction < 1.0:
+        raise PackError(f"--val-fraction {opts.val_fraction}: must be between 0 and 1")
+    if opts.shard_size < 1:
+        raise PackError(f"--shard-size {opts.shard_size}: must be at least 1")
+    scan = folders.scan_folders(src) if fmt == "folders" else None
+    fingerprint = _fingerprint(fmt, src, scan, opts)
+
+    existing = out / MANIFEST
+    if out.exists():
+        if not existing.is_file():
+            if any(out.iterdir()):
+                raise PackError(f"{out}: exists and is not a FaceSense shard directory; choose another --out")
+        elif not force and _read_fingerprint(existing) == fingerprint:
+            return json.loads(existing.read_text()), False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+
+    with _interrupts_raise():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        try:
+            workers = workers or os.cpu_count() or 1
+            loaded = (_load_folders(src, scan, opts, workers, show_progress) if fmt == "folders"
+                      else _load_csv(src, opts))
+            manifest = _write(tmp, loaded, opts, fmt, src, fingerprint)
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return manifest, True
+
+
+def _fingerprint(fmt: str, src: Path, scan, opts: PackOptions) -> str:
+    """Identity of (source contents, options): equal fingerprints mean an identical pack."""
+    source = scan.fingerprint if scan is not None else csv_source.file_sha256(src)
+    ferplus = csv_source.file_sha256(Path(opts.ferplus)) if opts.ferplus else None
+    blob = json.dumps({"v": FORMAT_VERSION, "format": fmt, "source": source, "ferplus": ferplus,
+                       "options": {**asdict(opts), "ferplus": bool(opts.ferplus), "format": fmt}},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_fingerprint(manifest_path: Path) -> str | None:
+    try:
+        return json.loads(manifest_path.read_text()).get("source", {}).get("fingerprint")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _load_folders(src: Path, scan, opts: PackOptions, workers: int, show_progress: bool) -> Loaded:
+    images, keep, skipped = folders.decode_images(src, scan.paths, workers=workers, resize=opts.resize,
+                                                  skip_bad=opts.skip_bad, show_progress=show_progress)
+    splits = scan.splits.copy()
+    unprefixed = splits == 255
+    notes = {"val_from_train": False}
+    if not (splits == SPLITS.index("val")).any() and unprefixed.any():
+        # No PublicTest images: carve a stratified, seeded val slice from unprefixed train.
+        idx = np.flatnonzero(unprefixed & keep)
+        val = folders.stratified_val(scan.labels[idx], opts.val_fraction, opts.seed)
+        splits[idx[val]] = SPLITS.index("val")
+        notes["val_from_train"] = True
+    splits[splits == 255] = SPLITS.index("train")
+    return Loaded(images[keep], scan.labels[keep], splits[keep], [p for p, k in zip(scan.paths, keep) if k],
+                  FER2013_CLASSES, skipped, notes)
+
+
+def _load_csv(src: Path, opts: PackOptions) -> Loaded:
+    rows = csv_source.read_csv(src)
+    keep = np.ones(len(rows.labels), bool)
+    skipped = []
+    for pos in sorted(rows.bad):
+        if not opts.skip_bad:
+            raise csv_source.row_error(src, int(rows.lines[pos]), rows.bad[pos])
+        keep[pos] = False
+        skipped.append({"source": f"{src.name} line {rows.lines[pos]}", "error": rows.bad[pos]})
+    labels, classes, notes = rows.labels, FER2013_CLASSES, {}
+    if opts.ferplus:
+        usages = [{"train": "Training", "val": "PublicTest", "test": "PrivateTest"}[SPLITS[s]]
+                  for s in rows.splits]
+        labels, drops = read_ferplus(Path(opts.ferplus), len(labels), usages)
+        keep &= labels != DROP
+        classes, notes = FERPLUS_CLASSES, {"ferplus_dropped": drops}
+    ids = [f"{src.name}:{line}" for line in rows.lines[keep]]
+    return Loaded(rows.images[keep], labels[keep], rows.splits[keep], ids, classes, skipped, notes)
+
+
+def _write(tmp: Path, data: Loaded, opts: PackOptions, fmt: str, src: Path, fingerprint: str) -> dict:
+    if len(data.images) == 0:
+        raise PackError(f"{src}: no usable images (all were skipped or dropped)")
+    report, keep = find_duplicates(data.images, data.labels, data.splits, data.ids)
+    if opts.dedupe:
+        report["removed"] = [f"{SPLITS[s]}:{i}" for s, i, k in zip(data.splits, data.ids, keep) if not k]
+    else:
+        keep[:] = True
+    rng = np.random.default_rng(opts.seed)
+    splits = {}
+    for code, split in enumerate(SPLITS):
+        # Shuffled once here so that any contiguous slice (a DDP rank's part) is class-mixed.
+        idx = rng.permutation(np.flatnonzero((data.splits == code) & keep))
+        splits[split] = write_split(tmp, split, data.images[idx], data.labels[idx],
+                                    [data.ids[i] for i in idx], data.classes, opts.shard_size)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "classes": list(data.classes),
+        "splits": splits,
+        "source": {"format": fmt, "path": str(src), "fingerprint": fingerprint, **data.notes},
+        "options": {**asdict(opts)},
+        "skipped": data.skipped,
+        "duplicates": report,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished tmp into place; an old DIR is swapped out, then deleted."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete temporary dirs left by packs into `out` that were killed (their pid is gone)."""
+    for path in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(path.name.split("-")[1])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+@contextmanager
+def _interrupts_raise():
+    """Turn SIGTERM into KeyboardInterrupt so the cleanup above runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

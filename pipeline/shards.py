@@ -1,0 +1,176 @@
+"""HDF5 shards and their manifest: the one data format everything downstream reads.
+
+A shard `<split>-<k>.h5` holds `images` (uint8, N x 48 x 48), `labels` (uint8, N) and
+`ids` (source file name or CSV line), chunked for whole-shard reads, with HDF5's
+fletcher32 checksums, and attributes naming the format version, split and classes.
+`manifest.json` beside them lists every shard with its count and sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.classes import SPLITS
+from pipeline.errors import ShardError
+
+FORMAT_VERSION = 1
+MAGIC = "facesense-shards"
+MANIFEST = "manifest.json"
+SIDE = 48
+CHUNK_IMAGES = 2048  # 4.7 MB chunks: whole-shard reads stay a few large reads
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, ids: list[str],
+                classes: tuple[str, ...], shard_size: int) -> dict:
+    """Write one split's shards into out_dir; return its manifest entry."""
+    shards = []
+    for k, start in enumerate(range(0, len(images), shard_size)):
+        stop = min(start + shard_size, len(images))
+        name = f"{split}-{k}.h5"
+        with h5py.File(out_dir / name, "w") as f:
+            n = stop - start
+            f.create_dataset("images", data=images[start:stop], chunks=(min(n, CHUNK_IMAGES), SIDE, SIDE),
+                             fletcher32=True)
+            f.create_dataset("labels", data=labels[start:stop].astype(np.uint8), fletcher32=True,
+                             chunks=(n,))
+            f.create_dataset("ids", data=np.array(ids[start:stop], dtype=object),
+                             dtype=h5py.string_dtype())
+            f.attrs.update(magic=MAGIC, format_version=FORMAT_VERSION, split=split, shard=k,
+                           classes=json.dumps(list(classes)))
+        shards.append({"file": name, "count": stop - start, "sha256": sha256_file(out_dir / name)})
+    counts = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), int)
+    return {"count": int(len(images)),
+            "class_counts": {c: int(n) for c, n in zip(classes, counts)},
+            "shards": shards}
+
+
+def load_manifest(data_dir: Path | str) -> dict:
+    """Read and check manifest.json; refuse unknown format versions."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: not found; pack the data first: facesense pack SRC --out {data_dir}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{path}: unreadable manifest ({exc}); re-run facesense pack --force") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{path}: format_version {version!r} is not supported by this FaceSense "
+                         f"(reads version {FORMAT_VERSION}); re-pack with this version's facesense pack")
+    missing = [s for s in SPLITS if s not in manifest.get("splits", {})]
+    if missing or "classes" not in manifest:
+        raise ShardError(f"{path}: manifest lacks {', '.join(missing) or 'classes'}; re-pack the data")
+    return manifest
+
+
+@dataclass
+class SplitArrays:
+    """A split (or one rank's part of it) in memory."""
+
+    images: np.ndarray  # (N, 48, 48) uint8
+    labels: np.ndarray  # (N,) int64
+    classes: tuple[str, ...]
+    ids: list[str] | None = None  # filled when asked for (strings are slow to read)
+
+
+def rank_range(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of `count` items for one rank: disjoint, covering, sizes differ by <= 1."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    return rank * count // world_size, (rank + 1) * count // world_size
+
+
+def read_split(data_dir: Path | str, split: str, rank: int = 0, world_size: int = 1,
+               with_ids: bool = False) -> SplitArrays:
+    """A whole split as one array, or one DDP rank's contiguous part of it.
+
+    Shards are written in a seeded shuffled order, so contiguous parts are class-mixed;
+    a rank opens only the shards that overlap its part.
+    """
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    entry = manifest["splits"][split]
+    classes = tuple(manifest["classes"])
+    start, stop = rank_range(entry["count"], rank, world_size)
+    images = np.empty((stop - start, SIDE, SIDE), np.uint8)
+    labels = np.empty(stop - start, np.int64)
+    ids: list[str] = []
+    offset = 0  # global index of the current shard's first item
+    for shard in entry["shards"]:
+        lo, hi = max(start, offset), min(stop, offset + shard["count"])
+        if lo < hi:
+            with _open_shard(data_dir / shard["file"], split) as f:
+                images[lo - start:hi - start] = f["images"][lo - offset:hi - offset]
+                labels[lo - start:hi - start] = f["labels"][lo - offset:hi - offset]
+                if with_ids:
+                    ids += [s.decode() for s in f["ids"][lo - offset:hi - offset]]
+        offset += shard["count"]
+    return SplitArrays(images, labels, classes, ids if with_ids else None)
+
+
+def _open_shard(path: Path, split: str) -> h5py.File:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot open as HDF5 ({exc}); run facesense verify") from exc
+    if f.attrs.get("magic") != MAGIC or f.attrs.get("format_version") != FORMAT_VERSION:
+        f.close()
+        raise ShardError(f"{path}: not a FaceSense shard of format_version {FORMAT_VERSION} "
+                         f"(found {f.attrs.get('format_version')!r}); re-pack the data")
+    if f.attrs.get("split") != split:
+        f.close()
+        raise ShardError(f"{path}: holds split {f.attrs.get('split')!r}, manifest says {split!r}")
+    return f
+
+
+def verify(data_dir: Path | str) -> int:
+    """Re-hash and check every shard against the manifest; return the image count.
+
+    Raises ShardError naming the first bad shard.
+    """
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    n_classes = len(manifest["classes"])
+    total = 0
+    for split in SPLITS:
+        entry = manifest["splits"][split]
+        class_counts = np.zeros(n_classes, np.int64)
+        for shard in entry["shards"]:
+            path = data_dir / shard["file"]
+            if not path.is_file():
+                raise ShardError(f"{path}: missing (listed in {MANIFEST})")
+            if sha256_file(path) != shard["sha256"]:
+                raise ShardError(f"{path}: sha256 differs from {MANIFEST}: the file is corrupt or was changed")
+            with _open_shard(path, split) as f:
+                images, labels = f["images"], f["labels"]
+                n = shard["count"]
+                if images.dtype != np.uint8 or images.shape != (n, SIDE, SIDE):
+                    raise ShardError(f"{path}: images are {images.dtype} {images.shape}, "
+                                     f"expected uint8 ({n}, {SIDE}, {SIDE})")
+                if labels.dtype != np.uint8 or labels.shape != (n,) or f["ids"].shape != (n,):
+                    raise ShardError(f"{path}: labels/ids do not match the {n} images")
+                images[...]  # reading every chunk checks its fletcher32 checksum
+                values = labels[...]
+                if n and values.max() >= n_classes:
+                    raise ShardError(f"{path}: label {values.max()} out of range for {n_classes} classes")
+                class_counts += np.bincount(values, minlength=n_classes)
+            total += shard["count"]
+        if class_counts.sum() != entry["count"] or \
+                dict(zip(manifest["classes"], class_counts.tolist())) != entry["class_counts"]:
+            raise ShardError(f"{data_dir / MANIFEST}: {split} counts do not match its shards")
+    return total

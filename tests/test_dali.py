@@ -1,0 +1,190 @@
+"""The DALI engine against the pure-torch reference (the spec), on CPU (device_id=None).
+
+GPU variants run only where CUDA is present.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("nvidia.dali")
+
+from kernels.reference import augment_reference  # noqa: E402
+from kernels.spec import AugConfig, OutputSpec, erase_box, identity_params, sample_params  # noqa: E402
+from pipeline import dali_augment  # noqa: E402
+from pipeline.dali_augment import DaliAugmenter, dali_iterator  # noqa: E402
+
+B = 8  # pipeline batch size (the maximum)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_out(size: int, channels: int, dtype=torch.float32) -> OutputSpec:
+    if channels == 1:
+        return OutputSpec(size=size, channels=1, mean=(0.5,), std=(0.25,), dtype=dtype)
+    # distinct per-channel statistics catch a channel mix-up
+    return OutputSpec(size=size, channels=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), dtype=dtype)
+
+
+def data(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 48, 48), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 7, (n,), generator=g)
+    params = sample_params(n, AugConfig(erase_p=0.5), g)
+    return images, labels, params
+
+
+def unnormalise(x: torch.Tensor, out: OutputSpec) -> torch.Tensor:
+    """(B, C, S, S) normalised -> [0, 1] scale, float32."""
+    mean, std = out.channel_stats()
+    return x.float() * torch.tensor(std, device=x.device).view(1, -1, 1, 1) + \
+        torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+
+
+def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, out: OutputSpec):
+    assert got.shape == want.shape == (want.shape[0], out.channels, out.size, out.size)
+    assert got.dtype == out.dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    err = (unnormalise(got, out) - unnormalise(want, out)).abs()
+    assert err.max().item() <= 2 / 255, f"max error {err.max().item() * 255:.3f}/255"
+    assert err.mean().item() <= 0.5 / 255, f"mean error {err.mean().item() * 255:.3f}/255"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [48, 112])
+def test_matches_reference(size, channels, dtype):
+    images, _, params = data(B, seed=size + channels)
+    assert params.erase.any() and not params.erase.all()  # both kinds of sample present
+    out = make_out(size, channels, dtype)
+    got = DaliAugmenter(out, B)(images, params)
+    want = augment_reference(images, torch.arange(B), params, out)
+    assert_close_to_reference(got, want, out)
+
+
+@pytest.mark.parametrize("size", [48, 112])
+def test_identity_returns_resized_input(size):
+    images, _, _ = data(4)
+    out = make_out(size, 1)
+    got = unnormalise(DaliAugmenter(out, 4)(images.numpy(), identity_params(4)), out)
+    src = images.unsqueeze(1).float() / 255
+    want = src if size == 48 else F.interpolate(src, size=(size, size), mode="bilinear",
+                                                align_corners=False)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_flip_is_exact():
+    images, _, _ = data(4)
+    params = identity_params(4)
+    params.flip[:] = torch.tensor([True, False, True, False])
+    out = make_out(48, 1)
+    got = unnormalise(DaliAugmenter(out, 4)(images, params), out)
+    src = images.unsqueeze(1).float() / 255
+    want = torch.where(params.flip.view(-1, 1, 1, 1), src.flip(-1), src)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_jitter_is_exact():
+    """No geometry, so no interpolation error: catches small intensity offsets
+    (for example a contrast centre of 128 instead of 127.5) that the 2/255 bound allows."""
+    images, _, _ = data(B)
+    params = identity_params(B)
+    g = torch.Generator().manual_seed(4)
+    params.brightness[:] = 0.6 + 0.8 * torch.rand(B, generator=g)  # wide, to reach the clamp
+    params.contrast[:] = 0.6 + 0.8 * torch.rand(B, generator=g)
+    out = make_out(48, 1)
+    got = DaliAugmenter(out, B)(images, params)
+    want = augment_reference(images, torch.arange(B), params, out)
+    assert (unnormalise(got, out) - unnormalise(want, out)).abs().max().item() < 0.01 / 255
+
+
+def test_erase_box_is_zero_exactly():
+    images, _, _ = data(4)
+    params = sample_params(4, AugConfig(erase_p=1.0), torch.Generator().manual_seed(3))
+    out = make_out(112, 3)
+    got = DaliAugmenter(out, 4)(images, params)
+    box = erase_box(params, out.size)
+    for i, (x0, y0, x1, y1) in enumerate(box.tolist()):
+        assert x1 > x0 and y1 > y0
+        assert (got[i, :, y0:y1, x0:x1] == 0).all()
+        outside = got[i].clone()
+        outside[:, y0:y1, x0:x1] = 1.0
+        assert (outside != 0).float().mean() > 0.95  # elsewhere the image, not erased
+
+
+def test_partial_batch_and_outputs_stay_valid():
+    images, _, params = data(B + 3, seed=7)
+    out = make_out(112, 3, torch.float16)
+    aug = DaliAugmenter(out, B)
+    full = aug(images[:B], params[:B])
+    last = aug(images[B:], params[B:])  # 3 samples through the pipeline built for 8
+    again = aug(images[:B], params[:B])  # back to a full batch
+    assert last.shape == (3, 3, 112, 112)
+    want = augment_reference(images, torch.arange(B + 3), params, out)
+    assert_close_to_reference(full, want[:B], out)  # still intact after later runs
+    assert_close_to_reference(last, want[B:], out)
+    assert torch.equal(full, again)
+
+
+def test_rejects_oversized_batch():
+    images, _, params = data(B + 1)
+    with pytest.raises(ValueError, match="takes 1..8"):
+        DaliAugmenter(make_out(48, 1), B)(images, params)
+
+
+def check_iterator(loader, images, labels, params, out, device="cpu"):
+    """Two epochs over the loader; every batch compared after the epoch (no buffer reuse)."""
+    want = augment_reference(images.to(device), torch.arange(len(images), device=device),
+                             params, out)
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(y) for _, y in batches] == [B, B, len(images) - 2 * B]
+        got = torch.cat([x for x, _ in batches])
+        assert torch.equal(torch.cat([y for _, y in batches]).cpu(), labels)
+        for x, y in batches:
+            assert x.device.type == device and y.device.type == device and y.dtype == torch.int64
+        assert_close_to_reference(batches[0][0], want[:B], out)
+        assert_close_to_reference(got.contiguous(memory_format=torch.channels_last), want, out)
+
+
+def batches_of(images, labels, params):
+    return [(images[i:i + B], labels[i:i + B], params[i:i + B]) for i in range(0, len(images), B)]
+
+
+def test_iterator_matches_reference():
+    images, labels, params = data(2 * B + 5, seed=11)
+    out = make_out(112, 3, torch.bfloat16)
+    loader = dali_iterator(batches_of(images, labels, params), out, B)
+    check_iterator(loader, images, labels, params, out)
+
+
+def test_iterator_takes_a_callable_source():
+    images, labels, params = data(2 * B + 1, seed=12)
+    out = make_out(48, 1)
+    loader = dali_iterator(lambda: iter(batches_of(images, labels, params)), out, B)
+    check_iterator(loader, images, labels, params, out)
+
+
+def test_clear_error_without_dali(monkeypatch):
+    monkeypatch.setattr(dali_augment, "_DALI_IMPORT_ERROR", ImportError("no module"))
+    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
+        DaliAugmenter(make_out(48, 1), B)
+
+
+@cuda
+@pytest.mark.parametrize("channels,dtype", [(1, torch.float32), (3, torch.float16),
+                                            (3, torch.bfloat16)])
+def test_gpu_matches_reference(channels, dtype):
+    images, _, params = data(B + 3, seed=5)
+    out = make_out(112, channels, dtype)
+    aug = DaliAugmenter(out, B, device_id=0)
+    got = torch.cat([aug(images[:B], params[:B]), aug(images[B:], params[B:])])
+    assert got.is_cuda and got.is_contiguous(memory_format=torch.channels_last)
+    want = augment_reference(images.cuda(), torch.arange(B + 3, device="cuda"), params, out)
+    assert_close_to_reference(got.contiguous(memory_format=torch.channels_last), want, out)
+
+
+@cuda
+def test_gpu_iterator_matches_reference():
+    images, labels, params = data(2 * B + 5, seed=13)
+    out = make_out(112, 3, torch.float16)
+    loader = dali_iterator(batches_of(images, labels, params), out, B, device_id=0)
+    check_iterator(loader, images, labels, params, out, device="cuda")
