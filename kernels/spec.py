@@ -156,21 +156,30 @@ def identity_params(n: int, device="cpu") -> AugParams:
                      ew=full(0.0), eh=full(0.0))
 
 
-def sample_params(n: int, cfg: AugConfig, generator: torch.Generator | None = None) -> AugParams:
-    """Draw parameters for n samples on the CPU (cheap; move them with `.to`)."""
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(n, generator=generator)
+def sample_params(n: int, cfg: AugConfig, generator: torch.Generator | None = None,
+                  device=None) -> AugParams:
+    """Draw parameters for n samples on `device` (the generator's device; default CPU).
 
-    erase = torch.rand(n, generator=generator) < cfg.erase_p
+    Drawing on the training device keeps the per-batch path free of host copies.
+    """
+    device = generator.device if generator is not None else (device or "cpu")
+
+    def rand() -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=device)
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * rand()
+
+    erase = rand() < cfg.erase_p
     area = uniform(*cfg.erase_area)
     log_ratio = uniform(math.log(cfg.erase_ratio[0]), math.log(cfg.erase_ratio[1]))
     ratio = torch.exp(log_ratio)
     ew = torch.sqrt(area / ratio).clamp(max=1.0)
     eh = torch.sqrt(area * ratio).clamp(max=1.0)
-    ex = torch.rand(n, generator=generator) * (1.0 - ew)
-    ey = torch.rand(n, generator=generator) * (1.0 - eh)
+    ex = rand() * (1.0 - ew)
+    ey = rand() * (1.0 - eh)
     return AugParams(
-        flip=torch.rand(n, generator=generator) < cfg.flip_p,
+        flip=rand() < cfg.flip_p,
         angle=uniform(-cfg.max_angle, cfg.max_angle),
         scale=uniform(*cfg.scale),
         tx=2.0 * uniform(-cfg.max_shift, cfg.max_shift),

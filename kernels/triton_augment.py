@@ -1,0 +1,165 @@
+"""Fused Triton augmentation: the whole per-batch augmentation as one kernel launch.
+
+It replaces the reference's chain (`images[index]` gather -> float /255 -> affine_grid
+-> grid_sample -> jitter -> expand to C channels -> normalise -> erase mask -> cast ->
+channels-last copy). Each of those steps writes and rereads a full-size batch tensor,
+and at 224x224x3 in float32 that traffic, not the arithmetic, is the cost. Here each
+program reads the four uint8 source pixels its output pixel needs straight from the
+resident data set and writes the final value once, in the final dtype and layout.
+
+`kernels/reference.py` defines the result; tests compare against it. The maths copies
+grid_sample(bilinear, padding_mode="border", align_corners=False) step by step so the
+two agree to float32 rounding.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.spec import AugParams, OutputSpec, erase_box
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # the rest of the project must work without triton
+    triton, tl, _IMPORT_ERROR = None, None, exc
+else:
+    _IMPORT_ERROR = None
+
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """True where augment_triton can run: CUDA with triton, or CPU under TRITON_INTERPRET=1."""
+    if triton is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    # The interpreter is chosen when @triton.jit runs (at import), so the variable must
+    # have been set before this module was imported, not just now.
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _augment_kernel(images_ptr, index_ptr, coef_ptr, box_ptr, out_ptr,
+                        H, W, S,
+                        mean0, mean1, mean2, std0, std1, std2,
+                        C: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)  # int64: b * S*S*C can pass 2**31 for big batches
+        p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # flat output pixel ids
+        live = p < S * S
+        ox, oy = p % S, p // S
+
+        # Per-sample scalars, precomputed on the host side of the launcher (tiny tensors):
+        # inverse affine rows, brightness gain, contrast; the erase box in pixels.
+        a00 = tl.load(coef_ptr + b * 8 + 0)
+        a01 = tl.load(coef_ptr + b * 8 + 1)
+        a02 = tl.load(coef_ptr + b * 8 + 2)
+        a10 = tl.load(coef_ptr + b * 8 + 3)
+        a11 = tl.load(coef_ptr + b * 8 + 4)
+        a12 = tl.load(coef_ptr + b * 8 + 5)
+        gain = tl.load(coef_ptr + b * 8 + 6)
+        contrast = tl.load(coef_ptr + b * 8 + 7)
+        ex0 = tl.load(box_ptr + b * 4 + 0)
+        ey0 = tl.load(box_ptr + b * 4 + 1)
+        ex1 = tl.load(box_ptr + b * 4 + 2)
+        ey1 = tl.load(box_ptr + b * 4 + 3)
+
+        # Output pixel centre in normalised coords, then the source point it comes from.
+        xn = (2 * ox + 1).to(tl.float32) / S - 1.0
+        yn = (2 * oy + 1).to(tl.float32) / S - 1.0
+        xs = a00 * xn + a01 * yn + a02
+        ys = a10 * xn + a11 * yn + a12
+        # grid_sample's unnormalise + border clip; clipping first is what makes "border"
+        # replicate the edge pixel instead of blending towards zero.
+        ix = tl.minimum(tl.maximum(((xs + 1.0) * W - 1.0) / 2.0, 0.0), W - 1.0)
+        iy = tl.minimum(tl.maximum(((ys + 1.0) * H - 1.0) / 2.0, 0.0), H - 1.0)
+        x0f, y0f = tl.floor(ix), tl.floor(iy)
+        x1f, y1f = x0f + 1.0, y0f + 1.0
+        x0, y0 = x0f.to(tl.int32), y0f.to(tl.int32)
+        # At ix == W-1 the right neighbour is off the image but has weight 0; clamping its
+        # index keeps the load in bounds without changing the value.
+        x1, y1 = tl.minimum(x0 + 1, W - 1), tl.minimum(y0 + 1, H - 1)
+
+        # Gather straight from the resident uint8 data set: no images[index] copy.
+        src = images_ptr + tl.load(index_ptr + b).to(tl.int64) * H * W
+        v00 = tl.load(src + y0 * W + x0, mask=live, other=0).to(tl.float32) / 255.0
+        v01 = tl.load(src + y0 * W + x1, mask=live, other=0).to(tl.float32) / 255.0
+        v10 = tl.load(src + y1 * W + x0, mask=live, other=0).to(tl.float32) / 255.0
+        v11 = tl.load(src + y1 * W + x1, mask=live, other=0).to(tl.float32) / 255.0
+        # grid_sample's bilinear weights (nw, ne, sw, se), written the same way so
+        # float32 rounding stays close to the reference's.
+        v = ((x1f - ix) * (y1f - iy) * v00 + (ix - x0f) * (y1f - iy) * v01
+             + (x1f - ix) * (iy - y0f) * v10 + (ix - x0f) * (iy - y0f) * v11)
+
+        v = tl.minimum(tl.maximum(gain * (0.5 + contrast * (v - 0.5)), 0.0), 1.0)
+
+        # Replicate gray to C channels as a (BLOCK, C_PAD) tile: channels-last keeps a
+        # pixel's C values adjacent, so one masked 2-D store writes the final layout.
+        c = tl.arange(0, C_PAD)
+        mean = tl.where(c == 0, mean0, tl.where(c == 1, mean1, mean2))
+        std = tl.where(c == 0, std0, tl.where(c == 1, std1, std2))
+        y = (v[:, None] - mean[None, :]) / std[None, :]
+        erased = (ox >= ex0) & (ox < ex1) & (oy >= ey0) & (oy < ey1)
+        y = tl.where(erased[:, None], 0.0, y)
+
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            # Round to nearest even by hand: the interpreter's fp32->bf16 cast truncates
+            # (the GPU's rounds), which would make CPU tests disagree with the GPU. After
+            # this the low 16 bits are zero, so either cast is exact. Values are finite.
+            u = y.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+            y = u.to(tl.float32, bitcast=True)
+        dst = out_ptr + b * S * S * C + p[:, None] * C + c[None, :]
+        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=live[:, None] & (c[None, :] < C))
+
+
+def augment_triton(images: torch.Tensor, index: torch.Tensor, params: AugParams,
+                   out: OutputSpec, block: int = 1024) -> torch.Tensor:
+    """Augment images[index] -> (B, C, S, S) channels-last tensor of out.dtype, in one launch.
+
+    Same contract as `augment_reference`: images (N, H, W) uint8 contiguous on the device,
+    index (B,) integer on the same device, params one entry per index on any device.
+    Index values are not range-checked: that needs a host sync every batch.
+    """
+    if triton is None:
+        raise RuntimeError(f"augment_triton needs triton, which failed to import: {_IMPORT_ERROR}")
+    assert images.dtype == torch.uint8 and images.dim() == 3, \
+        f"images must be (N, H, W) uint8, got {tuple(images.shape)} {images.dtype}"
+    assert images.is_contiguous(), "images must be contiguous (the kernel indexes it flat)"
+    assert index.dim() == 1 and index.dtype in (torch.int64, torch.int32), \
+        f"index must be 1-D int64/int32, got {tuple(index.shape)} {index.dtype}"
+    assert len(params) == index.shape[0], \
+        f"one parameter set per index: {len(params)} params for {index.shape[0]} indices"
+    assert index.device == images.device, \
+        f"index on {index.device} but images on {images.device}"
+    assert out.dtype in _OUT_DTYPES, f"unsupported output dtype {out.dtype}"
+    assert triton_available(images.device), \
+        f"triton cannot run on {images.device} (CPU needs TRITON_INTERPRET=1 set before import)"
+    assert block & (block - 1) == 0, "block must be a power of two"
+
+    device, b, s, c = images.device, index.shape[0], out.size, out.channels
+    # Per-sample scalars are O(B) work on the host side of the launch; the kernel only
+    # reads them. The draw lives on any device, so move what we derive, not the caller's.
+    coef = torch.cat([params.inverse_affine().reshape(-1, 6),
+                      params.brightness.float()[:, None], params.contrast.float()[:, None]], 1)
+    coef = coef.to(device=device, dtype=torch.float32).contiguous()
+    box = erase_box(params, s).to(device=device, dtype=torch.int32).contiguous()
+    mean, std = out.channel_stats()
+    mean, std = mean + [0.0] * (3 - c), std + [1.0] * (3 - c)  # pad to the kernel's 3 slots
+
+    result = torch.empty((b, s, s, c), device=device, dtype=out.dtype)
+    if b > 0:
+        grid = (b, triton.cdiv(s * s, block))
+        _augment_kernel[grid](images, index.contiguous(), coef, box, result,
+                              images.shape[1], images.shape[2], s,
+                              *mean, *std,
+                              C=c, C_PAD=triton.next_power_of_2(c), BLOCK=block, num_warps=4)
+    return result.permute(0, 3, 1, 2)  # (B, C, S, S) view with channels-last strides
+
+
+__all__ = ["augment_triton", "triton_available"]
