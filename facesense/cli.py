@@ -85,6 +85,38 @@ def bench_pack(
     run(data, csv, repeats, json_path)
 
 
+@bench_app.command("loader")
+def bench_loader(
+    data: Path = typer.Option(Path("data/shards"), "--data", help="Shard directory."),
+    kinds: str = typer.Option("resident,dali,dataloader", "--kinds", help="Comma-separated loader kinds."),
+    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated output sizes."),
+    batches: int = typer.Option(20, "--batches", help="Batches per timed run."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch."),
+    split: str = typer.Option("train", "--split", help="Split to read."),
+    dtype: str = typer.Option("float32", "--dtype", help="Output dtype: float32, float16, bfloat16."),
+    channels: int = typer.Option(3, "--channels", help="Output channels (3 = the baseline's Grayscale(3))."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed batches first."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes / DALI threads."),
+    device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda, cuda:N."),
+    json_path: Path = typer.Option(Path("benchmarks/results/loader-cpu.json"), "--json", help="Where to write results."),
+):
+    """Images/s of each loader kind per output size (after warm-up, synchronised, median)."""
+    from benchmarks.bench_loader import DTYPES, run
+
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        run(data, _csv(kinds), [int(s) for s in _csv(sizes)], batches, batch_size, split, dtype, channels,
+            warmup, repeats, workers, device, json_path)
+    except (ShardError, ValueError) as exc:
+        fail(str(exc))
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def main() -> None:
     try:
         app()

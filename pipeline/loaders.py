@@ -1,8 +1,9 @@
 """Loaders: (images, labels) batches already on the training device, one interface, three kinds.
 
 * resident   - the split lives on the device as one uint8 tensor; a batch is an index
-               into it plus one augmentation call (fused Triton kernel on CUDA, the
-               pure-torch reference on CPU). No worker processes, no host copies.
+               into it plus one augmentation call (fused Triton kernel on CUDA; on CPU
+               the reference's math compiled into one loop by torch.compile, or the
+               reference itself with compile_cpu=False). No workers, no host copies.
 * dali       - the same draws fed through the DALI pipeline (`pipeline/dali_augment.py`).
 * dataloader - torch DataLoader + torchvision per-image PIL transforms, as the project we
                grow from did. Kept as the baseline every speed claim is compared with.
@@ -47,6 +48,7 @@ class LoaderConfig:
     rank: int = 0  # this process's DDP rank
     world_size: int = 1  # number of DDP ranks
     workers: int = 2  # worker processes (dataloader) / threads (dali)
+    compile_cpu: bool = True  # resident on CPU: torch.compile the fused engine (first batch ~10 s per shape)
 
     def output_spec(self) -> OutputSpec:
         return OutputSpec(size=self.img_size, channels=self.channels, mean=tuple(self.mean),
@@ -122,12 +124,16 @@ class ResidentLoader(Loader):
         super().__init__(part, count, cfg, device)
         self.images = torch.from_numpy(part.images).to(device)
         self.labels = torch.from_numpy(part.labels).to(device)
-        self.augment = augment_reference
+        self.augment, self.engine = augment_reference, "reference"
         if device.type == "cuda":
             from kernels.triton_augment import augment_triton, triton_available
 
             if triton_available(device):
-                self.augment = augment_triton
+                self.augment, self.engine = augment_triton, "triton"
+        elif cfg.compile_cpu:
+            from kernels.cpu_fused import compiled_explicit
+
+            self.augment, self.engine = compiled_explicit(), "compiled_explicit"
 
     def __iter__(self):
         params_gen = _generator(self.cfg.seed, self.epoch, self.cfg.rank, 1, self.device)
