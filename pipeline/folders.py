@@ -10,6 +10,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import signal
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def _decode_chunk(task: tuple[str, list[str], bool]):
     from torchvision.io import ImageReadMode, decode_image
 
     torch.set_num_threads(1)  # one process per core already; threads would oversubscribe
+    # torchvision 0.29 marks its decoders deprecated in favour of torchcodec (not a dependency
+    # here); they remain the fastest libjpeg-turbo path we have, so keep them and stay quiet.
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
     root, rels, resize = task
     out = np.empty((len(rels), SIDE, SIDE), np.uint8)
     bad = []

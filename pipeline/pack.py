@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -87,27 +88,37 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
                 raise PackError(f"{out}: exists and is not a FaceSense shard directory; choose another --out")
         elif not force and _read_fingerprint(existing) == fingerprint:
             return json.loads(existing.read_text()), False
+    new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
 
-    with _interrupts_raise():
+    with _interrupts_raise() as check_interrupted:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         try:
             workers = workers or os.cpu_count() or 1
             loaded = (_load_folders(src, scan, opts, workers, show_progress) if fmt == "folders"
                       else _load_csv(src, opts))
             manifest = _write(tmp, loaded, opts, fmt, src, fingerprint)
+            check_interrupted()  # an interrupt Python swallowed must not publish the output
             _replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for parent in new_parents:  # a failed pack leaves no trace, not even empty parents
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
             raise
     return manifest, True
 
 
 def _fingerprint(fmt: str, src: Path, scan, opts: PackOptions) -> str:
     """Identity of (source contents, options): equal fingerprints mean an identical pack."""
-    source = scan.fingerprint if scan is not None else csv_source.file_sha256(src)
-    ferplus = csv_source.file_sha256(Path(opts.ferplus)) if opts.ferplus else None
+    try:
+        source = scan.fingerprint if scan is not None else csv_source.file_sha256(src)
+        ferplus = csv_source.file_sha256(Path(opts.ferplus)) if opts.ferplus else None
+    except OSError as exc:  # e.g. a --ferplus path that does not exist: one line, not a traceback
+        raise PackError(f"{exc.filename}: cannot read ({exc.strerror})") from exc
     blob = json.dumps({"v": FORMAT_VERSION, "format": fmt, "source": source, "ferplus": ferplus,
                        "options": {**asdict(opts), "ferplus": bool(opts.ferplus), "format": fmt}},
                       sort_keys=True)
@@ -199,9 +210,10 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def _remove_stale_partials(out: Path) -> None:
     """Delete temporary dirs left by packs into `out` that were killed (their pid is gone)."""
-    for path in out.parent.glob(f".{out.name}.partial-*"):
+    prefix = f".{out.name}.partial-"
+    for path in out.parent.glob(f"{prefix}*"):
         try:
-            pid = int(path.name.split("-")[1])
+            pid = int(path.name[len(prefix):].split("-")[0])  # out.name may itself hold '-'
             os.kill(pid, 0)  # raises if no such process
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
@@ -211,16 +223,36 @@ def _remove_stale_partials(out: Path) -> None:
 
 @contextmanager
 def _interrupts_raise():
-    """Turn SIGTERM into KeyboardInterrupt so the cleanup above runs (main thread only)."""
+    """Turn SIGTERM (and Ctrl-C) into KeyboardInterrupt so the cleanup above runs (main thread only).
+
+    Python drops an exception raised by a signal handler that lands inside a weakref
+    callback or an at-fork hook (pool start-up does both), so the signal is also
+    remembered: the yielded check raises before the output is moved into place, and
+    the dropped exception's "Exception ignored" traceback is not printed.
+    """
+    received: list[int] = []
+
+    def check() -> None:
+        if received:
+            raise KeyboardInterrupt(f"signal {received[0]}")
+
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield check
         return
 
     def handler(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def unraisable(info):
+        if not (received and isinstance(info.exc_value, KeyboardInterrupt)):
+            previous_hook(info)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
-        yield
+        yield check
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        sys.unraisablehook = previous_hook

@@ -128,13 +128,15 @@ def _open_shard(path: Path, split: str) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise ShardError(f"{path}: cannot open as HDF5 ({exc}); run facesense verify") from exc
-    if f.attrs.get("magic") != MAGIC or f.attrs.get("format_version") != FORMAT_VERSION:
+    # Read the attributes before any close(): a closed file's attrs raise KeyError, not our message.
+    magic, version, found_split = (f.attrs.get(k) for k in ("magic", "format_version", "split"))
+    if magic != MAGIC or version != FORMAT_VERSION:
         f.close()
         raise ShardError(f"{path}: not a FaceSense shard of format_version {FORMAT_VERSION} "
-                         f"(found {f.attrs.get('format_version')!r}); re-pack the data")
-    if f.attrs.get("split") != split:
+                         f"(found {version!r}); re-pack the data")
+    if found_split != split:
         f.close()
-        raise ShardError(f"{path}: holds split {f.attrs.get('split')!r}, manifest says {split!r}")
+        raise ShardError(f"{path}: holds split {found_split!r}, manifest says {split!r}")
     return f
 
 
@@ -164,8 +166,11 @@ def verify(data_dir: Path | str) -> int:
                                      f"expected uint8 ({n}, {SIDE}, {SIDE})")
                 if labels.dtype != np.uint8 or labels.shape != (n,) or f["ids"].shape != (n,):
                     raise ShardError(f"{path}: labels/ids do not match the {n} images")
-                images[...]  # reading every chunk checks its fletcher32 checksum
-                values = labels[...]
+                try:
+                    images[...]  # reading every chunk checks its fletcher32 checksum
+                    values = labels[...]
+                except OSError as exc:  # h5py reports a checksum mismatch as OSError
+                    raise ShardError(f"{path}: corrupt data ({exc}); re-pack the data") from exc
                 if n and values.max() >= n_classes:
                     raise ShardError(f"{path}: label {values.max()} out of range for {n_classes} classes")
                 class_counts += np.bincount(values, minlength=n_classes)
