@@ -1,13 +1,16 @@
-"""The `facesense` command line: pack, verify, bench."""
+"""The `facesense` command line: pack, verify, train, eval, bench."""
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from facesense.errors import FaceSenseError
 from pipeline.errors import PackError, ShardError
 
 app = typer.Typer(help="FaceSense: fast, honest facial-expression training on FER2013.",
@@ -70,6 +73,68 @@ def verify(data: Path = typer.Argument(..., help="Shard directory written by fac
     except ShardError as exc:
         fail(str(exc))
     typer.echo(f"{data}: OK ({total} images)")
+
+
+def _train_options(func):
+    """Give `func` one option per TrainConfig field; each field's comment is its --help text."""
+    from facesense.config import TrainConfig, field_help, field_types
+
+    helps, types = field_help(), field_types()
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+              inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                default=typer.Option(None, "--config", help="TOML or YAML file that sets any of "
+                                                     "the options below (same names); the command line wins."))]
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if types[f.name] is bool else [flag]
+        annotation = Optional[types[f.name]] if f.default is None else types[f.name]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(f.default, *decls, help=helps[f.name])))
+    func.__signature__ = inspect.Signature(params)
+    func.__annotations__ = {p.name: p.annotation for p in params}
+    return func
+
+
+@app.command("train")
+@_train_options
+def train_command(ctx: typer.Context, config: Optional[Path], **options):
+    """Train on packed shards: selects on val (PublicTest), never reads test; checkpoints into --out."""
+    from facesense.config import resolve_config
+
+    # Only options typed on the command line override the config file (typer bundles its own
+    # click, so compare ParameterSource by name).
+    given = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    try:
+        cfg = resolve_config(config, given)
+        from facesense.train import train
+
+        train(cfg)
+    except (FaceSenseError, ShardError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command with --resume to continue from last.pt", 130)
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint written by facesense train (best.pt or last.pt)."),
+    data: Path = typer.Option(Path("data/shards"), "--data", help="Packed shard directory."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate: test (PrivateTest) or val (PublicTest)."),
+    out: Path = typer.Option(Path("model"), "--out", help="Where report.json, confusion_matrix_heatmap.png and roc_curves.png go."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, or flip (average with the mirror image)."),
+    batch_size: int = typer.Option(512, "--batch-size", help="Images per batch."),
+    loader: str = typer.Option("auto", "--loader", help="Data loader: auto, resident, dali or dataloader."),
+    workers: int = typer.Option(2, "--workers", help="Loader worker processes (dataloader) or threads (dali)."),
+    device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda or cuda:N."),
+):
+    """Accuracy, macro OvR ROC AUC, weighted F1, per-class report and confusion matrix of a checkpoint."""
+    from facesense.evaluate import evaluate_checkpoint
+
+    try:
+        evaluate_checkpoint(checkpoint, data, split, out, tta, batch_size, loader, workers, device)
+    except (FaceSenseError, ShardError) as exc:
+        fail(str(exc))
 
 
 @bench_app.command("pack")

@@ -231,9 +231,12 @@ class TorchDataLoader(Loader):
         super().__init__(part, count, cfg, device)
         dataset = _PilDataset(part.images, part.labels, cfg)
         # Augmentation randomness comes from each worker's torch seed, derived from this generator.
+        # forkserver, not fork: a process that already runs DALI, compile or OpenMP threads can
+        # deadlock a forked child on a lock some thread held at fork time (seen in the tests).
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=_EpochBatches(self), num_workers=cfg.workers,
             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+            multiprocessing_context="forkserver" if cfg.workers > 0 else None,
             generator=torch.Generator().manual_seed(cfg.seed))
 
     def __iter__(self):

@@ -1,0 +1,60 @@
+"""Checkpoints: written atomically, read with torch.load(weights_only=True).
+
+A checkpoint is a dict of tensors and plain Python values only (state dicts, the
+config as a dict, RNG states as tensors), so loading one cannot run code:
+`weights_only=True` refuses anything else.
+
+    format, version     "facesense-checkpoint", 1
+    model, ema          state dicts (ema None when off); eval uses ema when present
+    optimizer, scheduler, scaler   their state dicts
+    ranks               per rank: {rng: RNG states, epoch_loss_sum: its step losses so far this epoch}
+    epoch, batch        position: `batch` batches of 0-based `epoch` are done (0 = at its start)
+    step                optimizer steps taken in all
+    best_accuracy, history   best val accuracy so far; per-epoch metrics rows
+    config, classes, data    the resolved TrainConfig, class names, data identity
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from facesense.errors import FaceSenseError
+
+FORMAT, VERSION = "facesense-checkpoint", 1
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: never half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """Read a checkpoint safely (no code can run) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FaceSenseError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # includes pickles that try to run code: weights_only refuses them
+        raise FaceSenseError(f"{path}: not a loadable FaceSense checkpoint ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise FaceSenseError(f"{path}: not a FaceSense checkpoint (no format marker)")
+    if ckpt.get("version") != VERSION:
+        raise FaceSenseError(f"{path}: checkpoint version {ckpt.get('version')!r}; this FaceSense reads {VERSION}")
+    return ckpt
+
+
+def eval_weights(ckpt: dict) -> tuple[dict, str]:
+    """The weights to evaluate: the EMA when the run kept one (it was selected on them)."""
+    return (ckpt["ema"], "ema") if ckpt.get("ema") is not None else (ckpt["model"], "model")

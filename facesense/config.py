@@ -1,0 +1,210 @@
+"""`facesense train` configuration: one typed dataclass, a comment per field.
+
+The comment after each field *is* its `--help` text (the CLI builds one option per
+field from this class), so every option shows in `--help` and a config file may set
+any of them. Precedence: field default < config file (TOML or YAML) < command line.
+The resolved config is stored in every checkpoint as a plain dict.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from facesense.errors import FaceSenseError
+
+CHOICES = {
+    "loader": ("auto", "resident", "dali", "dataloader"),
+    "channels": (1, 3),
+    "optimizer": ("adamw", "sgd"),
+    "class_weights": ("balanced", "none"),
+    "amp_dtype": ("bfloat16", "float16"),
+}
+
+# Fields a resumed run may change; any other difference from the checkpoint's config is an error.
+RESUME_MAY_DIFFER = frozenset({"data", "out", "loader", "workers", "device", "compile", "deterministic",
+                               "log_every", "save_every", "max_steps", "resume", "overwrite"})
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    data: str = "data/shards"  # packed shards (facesense pack): trains on train, selects on val, never reads test
+    out: str = "model"  # output directory: last.pt, best.pt, metrics.jsonl, training_curves.png
+    loader: str = "auto"  # data loader: auto, resident, dali or dataloader
+    workers: int = 2  # loader worker processes (dataloader) or threads (dali)
+    # model
+    model: str = "efficientnet_b0"  # any timm model name
+    channels: int = 1  # input channels: 1 (gray) or 3 (gray replicated)
+    pretrained: bool = False  # start from timm's ImageNet weights (cached or downloadable); fails fast otherwise
+    weights: str | None = None  # local timm/PyTorch state dict to start from; stem and head are adapted
+    drop_rate: float = 0.2  # dropout before the classifier
+    drop_path_rate: float = 0.1  # stochastic depth (drop-path) rate
+    # input and augmentation (drawn per sample on the device; see kernels/spec.py)
+    img_size: int = 48  # network input side; 48 is native, larger sizes are resampled inside the augmentation
+    norm_mean: float = 0.5  # normalisation mean on the [0, 1] scale (all channels)
+    norm_std: float = 0.25  # normalisation std on the [0, 1] scale (all channels)
+    aug_flip_p: float = 0.5  # probability of a horizontal flip
+    aug_max_angle: float = 15.0  # rotation drawn from U(-a, a) degrees
+    aug_scale_min: float = 0.9  # smallest zoom factor
+    aug_scale_max: float = 1.1  # largest zoom factor
+    aug_max_shift: float = 0.1  # shift drawn from U(-s, s), fraction of the image side
+    aug_brightness: float = 0.2  # brightness gain drawn from U(1 - b, 1 + b)
+    aug_contrast: float = 0.2  # contrast factor drawn from U(1 - c, 1 + c)
+    aug_erase_p: float = 0.0  # probability of random erasing
+    # optimisation
+    epochs: int = 30  # passes over the training split
+    batch_size: int = 256  # images per step per rank
+    optimizer: str = "adamw"  # adamw, or sgd (Nesterov momentum)
+    lr: float = 2e-3  # peak learning rate, reached after the warm-up
+    min_lr_ratio: float = 0.01  # cosine annealing ends at lr * min_lr_ratio
+    warmup_epochs: float = 1.0  # linear warm-up length in epochs (fractions allowed)
+    weight_decay: float = 0.05  # decoupled weight decay; biases and norm weights are exempt
+    momentum: float = 0.9  # SGD momentum
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    class_weights: str = "none"  # cross-entropy class weights: balanced (n / (k * count)) or none
+    ema: bool = False  # keep an exponential moving average of the weights; validate and select with it
+    ema_decay: float = 0.999  # EMA decay per step (ramped up over the first steps)
+    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
+    # speed
+    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK
+    amp: bool = False  # mixed precision autocast (bfloat16 on CPU and GPUs that have it)
+    amp_dtype: str = "bfloat16"  # autocast dtype: bfloat16 or float16 (float16 uses a GradScaler on CUDA)
+    compile: bool | None = None  # torch.compile the model (and the CPU loader's augmentation); default: on for CUDA
+    channels_last: bool = True  # channels-last memory format for the model and batches
+    deterministic: bool = False  # deterministic kernels (slower on GPU) for bit-exact reruns and resumes
+    # run control
+    seed: int = 0  # seeds model init, shuffling, augmentation and dropout: same seed, same run
+    max_steps: int = 0  # stop after this many optimizer steps in all (smoke runs, benchmarks); 0 = no limit
+    log_every: int = 50  # steps between progress updates (the only host syncs in an epoch)
+    save_every: int = 0  # also write last.pt every this many steps (mid-epoch resume); 0 = epoch ends only
+    resume: bool = False  # continue the run in --out from its last.pt (same config required)
+    overwrite: bool = False  # start afresh even if --out already holds a run
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise FaceSenseError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of "
+                                     f"{', '.join(map(str, allowed))}")
+        positive = ("epochs", "batch_size", "lr", "norm_std", "log_every", "ema_decay")
+        non_negative = ("workers", "drop_rate", "drop_path_rate", "min_lr_ratio", "warmup_epochs",
+                        "weight_decay", "momentum", "label_smoothing", "grad_clip", "max_steps", "save_every")
+        bad = [n for n in positive if not getattr(self, n) > 0] + \
+              [n for n in non_negative if not getattr(self, n) >= 0]
+        if bad:
+            raise FaceSenseError("; ".join(f"--{_flag(n)} {getattr(self, n)}: must be "
+                                           f"{'positive' if n in positive else 'zero or more'}" for n in bad))
+        if not 8 <= self.img_size <= 1024:
+            raise FaceSenseError(f"--img-size {self.img_size}: must be between 8 and 1024 pixels")
+        if not (self.ema_decay < 1 and self.drop_rate < 1 and self.drop_path_rate < 1
+                and self.label_smoothing < 1 and self.min_lr_ratio <= 1):
+            raise FaceSenseError("--ema-decay, --drop-rate, --drop-path-rate and --label-smoothing must be "
+                                 "below 1, --min-lr-ratio at most 1")
+        if self.pretrained and self.weights:
+            raise FaceSenseError("--pretrained and --weights both choose starting weights; pass one")
+        if self.resume and self.overwrite:
+            raise FaceSenseError("--resume continues the run in --out, --overwrite replaces it; pass one")
+        self.aug()  # AugConfig checks its own ranges
+
+    def aug(self):
+        """The augmentation ranges as the kernels' AugConfig."""
+        from kernels.spec import AugConfig
+
+        try:
+            return AugConfig(flip_p=self.aug_flip_p, max_angle=self.aug_max_angle,
+                             scale=(self.aug_scale_min, self.aug_scale_max), max_shift=self.aug_max_shift,
+                             brightness=self.aug_brightness, contrast=self.aug_contrast, erase_p=self.aug_erase_p)
+        except ValueError as exc:
+            raise FaceSenseError(f"augmentation options: {exc}") from exc
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_types() -> dict[str, type]:
+    """Field name -> its type, with `X | None` reported as X."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: next(a for a in typing.get_args(hints[f.name]) if a is not type(None))
+            if typing.get_args(hints[f.name]) else hints[f.name] for f in fields(TrainConfig)}
+
+
+def field_help() -> dict[str, str]:
+    """Field name -> the comment after it in TrainConfig's source (its --help text)."""
+    source = inspect.getsource(TrainConfig)
+    found = dict(re.findall(r"^ {4}(\w+): [^=]+=.*?  # (.+)$", source, re.M))
+    missing = [f.name for f in fields(TrainConfig) if f.name not in found]
+    assert not missing, f"TrainConfig fields without a help comment: {missing}"
+    return found
+
+
+def _coerce(name: str, value, where: str):
+    """Check one value against the field's type; ints are accepted for floats."""
+    want = field_types()[name]
+    nullable = next(f for f in fields(TrainConfig) if f.name == name).default is None
+    if value is None and nullable:
+        return None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is str and isinstance(value, Path):
+        return str(value)
+    if type(value) is not want:
+        raise FaceSenseError(f"{where}: {name} = {value!r} should be {want.__name__}")
+    return value
+
+
+def load_config_file(path: Path | str) -> dict:
+    """Read a TOML or YAML config file into {field: value}; unknown keys are errors."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FaceSenseError(f"--config {path}: cannot read ({exc.strerror})") from exc
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise FaceSenseError(f"--config {path}: expected a .toml, .yaml or .yml file")
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise FaceSenseError(f"--config {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise FaceSenseError(f"--config {path}: expected a table of option = value")
+    names = {f.name for f in fields(TrainConfig)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise FaceSenseError(f"--config {path}: unknown option {key!r} (see facesense train --help)")
+        values[name] = _coerce(name, value, f"--config {path}")
+    return values
+
+
+def resolve_config(config_file: Path | str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then the config file, then `overrides` (the options given on the command line)."""
+    values = load_config_file(config_file) if config_file else {}
+    for name, value in (overrides or {}).items():
+        values[name] = _coerce(name, value, "command line")
+    return TrainConfig(**values)
+
+
+def config_from_dict(values: dict, where: str) -> TrainConfig:
+    """A TrainConfig from a checkpoint's stored dict; refuses fields this version does not know."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise FaceSenseError(f"{where}: config has options this FaceSense does not know: {', '.join(unknown)}")
+    return TrainConfig(**{k: _coerce(k, v, where) for k, v in values.items()})
+
+
+def resume_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """`--option saved -> now` for every option a resumed run may not change."""
+    now = cfg.to_dict()
+    return [f"--{_flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now
+            if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]

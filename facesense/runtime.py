@@ -1,0 +1,143 @@
+"""Where a run executes: device, DDP process group, seeding, AMP context, RNG states."""
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from facesense.errors import FaceSenseError
+
+
+@dataclass
+class Runtime:
+    """This process's place in the run."""
+
+    device: torch.device
+    rank: int = 0  # global DDP rank
+    world_size: int = 1  # number of DDP ranks
+    distributed: bool = False  # a process group is initialised (torchrun)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str, deterministic: bool) -> Runtime:
+    """Pick the device and, under torchrun, join the process group (NCCL on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FaceSenseError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        dev = torch.device("cuda", local_rank if world_size > 1 else (torch.device(device).index or 0))
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise FaceSenseError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if world_size == 1:
+        return Runtime(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return Runtime(dev, dist.get_rank(), dist.get_world_size(), True)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CPU and every CUDA device
+
+
+def amp_setup(enabled: bool, dtype_name: str, device: torch.device):
+    """(autocast context, GradScaler, batch dtype). AMP as an object: the loop never branches on it.
+
+    bfloat16 needs no loss scaling; GPUs without bfloat16 fall back to float16. float16
+    gets a GradScaler (a no-op scaler when disabled, so the loop is the same either way).
+    """
+    if not enabled:
+        return nullcontext(), torch.amp.GradScaler(device.type, enabled=False), torch.float32
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float16
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print(f"note: {torch.cuda.get_device_name(device)} has no bfloat16; using float16 with a GradScaler")
+        dtype = torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return torch.autocast(device.type, dtype=dtype), scaler, dtype
+
+
+def on_all_ranks(rt: Runtime, fn):
+    """fn() on every rank; if it fails on any rank it fails on all, so none waits forever in a collective."""
+    if not rt.distributed:
+        return fn()
+    try:
+        result, error = fn(), None
+    except Exception as exc:
+        result, error = exc, str(exc) if isinstance(exc, FaceSenseError) else f"{type(exc).__name__}: {exc}"
+    errors: list = [None] * rt.world_size
+    dist.all_gather_object(errors, error)
+    if error:
+        raise result
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if failed:
+        raise FaceSenseError(f"rank {failed[0][0]}: {failed[0][1]}")
+    return result
+
+
+def reduce_sum(rt: Runtime, value: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a copy; the input is left alone)."""
+    value = value.detach().clone()
+    if rt.distributed:
+        dist.all_reduce(value)
+    return value
+
+
+# RNG states as tensors and plain lists, so checkpoints load with weights_only=True.
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        # The current device's only: each rank owns one GPU (get_rng_state_all would touch them all).
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def gather_rank_states(rt: Runtime, state: dict) -> list[dict]:
+    """Every rank's `state` (plain values and CPU tensors), in rank order, on every rank."""
+    if not rt.distributed:
+        return [state]
+    states: list = [None] * rt.world_size
+    dist.all_gather_object(states, state)
+    return states

@@ -1,0 +1,122 @@
+"""Helpers for the train/eval tests: tiny made-up shards, and a CLI runner for subprocesses.
+
+Run as a script it is `facesense` itself, with two test hooks set by environment:
+  FS_KILL_AFTER_STEPS=N  the process SIGKILLs itself when the training loader is asked
+                         for batch N + 1, i.e. after N optimizer steps (and any save there)
+  FS_DUMP_WEIGHTS=DIR    after training, every rank saves its parameters to DIR/rank<R>.pt
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.classes import FER2013_CLASSES  # noqa: E402
+from pipeline.shards import FORMAT_VERSION, MANIFEST, write_split  # noqa: E402
+
+MODEL = "test_efficientnet"  # a ~100k-parameter timm EfficientNet: the real code path, fast on CPU
+COUNTS = {"train": 96, "val": 28, "test": 21}
+
+
+def make_shards(out: Path, counts: dict[str, int] = COUNTS, classes=FER2013_CLASSES, seed: int = 0,
+                shard_size: int = 40) -> Path:
+    """Shards + manifest in the format facesense pack writes: class = grey level + noise (learnable)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = np.linspace(20, 230, len(classes))
+    splits = {}
+    for split, n in counts.items():
+        labels = rng.permutation(np.arange(n) % len(classes))
+        images = np.clip(base[labels][:, None, None] + rng.integers(-15, 16, (n, 48, 48)), 0, 255).astype(np.uint8)
+        splits[split] = write_split(out, split, images, labels, [f"{split}/{i}.png" for i in range(n)],
+                                    tuple(classes), shard_size)
+    manifest = {"format_version": FORMAT_VERSION, "classes": list(classes), "splits": splits,
+                "source": {"format": "test", "fingerprint": f"made-up-{seed}"}}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A tiny, fast `facesense train` command line (6 steps per epoch)."""
+    return ["train", "--data", str(data), "--out", str(out), "--model", MODEL, "--epochs", "2",
+            "--batch-size", "16", "--log-every", "2", "--device", "cpu", "--loader", "resident",
+            "--workers", "0", "--lr", "0.01", "--warmup-epochs", "0.5", *extra]
+
+
+def child_env(**extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for key in ("FS_KILL_AFTER_STEPS", "FS_DUMP_WEIGHTS"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`facesense ARGS` in a fresh process (with this file's test hooks)."""
+    return subprocess.run([sys.executable, __file__, *args], cwd=ROOT, env=child_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _install_hooks() -> None:
+    kill_after = int(os.environ.get("FS_KILL_AFTER_STEPS", "0"))
+    dump = os.environ.get("FS_DUMP_WEIGHTS")
+    if kill_after:
+        import pipeline.loaders as loaders
+
+        make_loader = loaders.make_loader
+
+        def killing_make_loader(data, split, cfg, device):
+            loader = make_loader(data, split, cfg, device)
+            if cfg.train:
+                inner, handed = type(loader).__iter__, [0]
+
+                def iterate(self):
+                    for batch in inner(self):
+                        handed[0] += 1
+                        if handed[0] > kill_after:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        yield batch
+
+                loader.__class__ = type("Killing" + type(loader).__name__, (type(loader),), {"__iter__": iterate})
+            return loader
+
+        loaders.make_loader = killing_make_loader
+    if dump:
+        import torch
+
+        import facesense.train as train_module
+
+        train = train_module.train
+
+        def dumping_train(cfg):
+            result = train(cfg)
+            rank = int(os.environ.get("RANK", "0"))
+            torch.save({k: v.detach().cpu() for k, v in result.model.named_parameters()},
+                       Path(dump) / f"rank{rank}.pt")
+            return result
+
+        train_module.train = dumping_train
+
+
+if __name__ == "__main__":
+    _install_hooks()
+    from facesense.cli import main
+
+    sys.argv = ["facesense", *sys.argv[1:]]
+    main()
