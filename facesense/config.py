@@ -44,7 +44,8 @@ class TrainConfig:
     pretrained: bool = False  # start from timm's ImageNet weights (cached or downloadable); fails fast otherwise
     weights: str | None = None  # local timm/PyTorch state dict to start from; stem and head are adapted
     drop_rate: float = 0.2  # dropout before the classifier
-    drop_path_rate: float = 0.1  # stochastic depth (drop-path) rate
+    drop_path_rate: float = 0.0  # stochastic depth (drop-path) rate
+    zero_init: bool = True  # random init only: zero each residual branch's last norm and the head (learns from step 1)
     # input and augmentation (drawn per sample on the device; see kernels/spec.py)
     img_size: int = 48  # network input side; 48 is native, larger sizes are resampled inside the augmentation
     norm_mean: float = 0.5  # normalisation mean on the [0, 1] scale (all channels)
@@ -58,8 +59,8 @@ class TrainConfig:
     aug_contrast: float = 0.2  # contrast factor drawn from U(1 - c, 1 + c)
     aug_erase_p: float = 0.0  # probability of random erasing
     # optimisation
-    epochs: int = 30  # passes over the training split
-    batch_size: int = 256  # images per step per rank
+    epochs: int = 25  # passes over the training split
+    batch_size: int = 128  # images per step per rank
     optimizer: str = "adamw"  # adamw, or sgd (Nesterov momentum)
     lr: float = 2e-3  # peak learning rate, reached after the warm-up
     min_lr_ratio: float = 0.01  # cosine annealing ends at lr * min_lr_ratio

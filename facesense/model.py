@@ -21,7 +21,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
 
 
 def create_model(name: str, channels: int, num_classes: int, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+                 drop_path_rate: float = 0.0, pretrained: bool = False, weights: str | None = None,
+                 zero_init: bool = False) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
@@ -38,7 +39,28 @@ def create_model(name: str, channels: int, num_classes: int, drop_rate: float = 
         raise FaceSenseError(f"--model {name}: cannot be built with {kwargs} ({exc})") from exc
     if weights:
         load_weights(model, weights)
+    elif zero_init and not pretrained:
+        zero_init_residuals_and_head(model)
     return model
+
+
+def zero_init_residuals_and_head(model: nn.Module) -> None:
+    """Start every residual branch and the classifier at zero.
+
+    Measured on FER2013 (48 px, AdamW 2e-3, batch 128): with timm's init EfficientNet-B0
+    starts at loss ~3 (logits far too large) and is still at chance after 150 steps;
+    zeroing the last norm of each residual branch (each block starts as the identity)
+    and the head starts it at ln(7) and above chance within those 150 steps.
+    """
+    for module in model.modules():
+        if getattr(module, "has_skip", False):  # timm's residual blocks (EfficientNet, MobileNet)
+            norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if norms and norms[-1].weight is not None:
+                nn.init.zeros_(norms[-1].weight)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
 
 def _pretrained_file(name: str) -> str:

@@ -119,7 +119,8 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
 
     def build_model():
         net = create_model(cfg.model, cfg.channels, len(classes), cfg.drop_rate, cfg.drop_path_rate,
-                           pretrained=cfg.pretrained and ckpt is None, weights=None if ckpt else cfg.weights)
+                           pretrained=cfg.pretrained and ckpt is None, weights=None if ckpt else cfg.weights,
+                           zero_init=cfg.zero_init)
         net.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         check_input_size(net, cfg.channels, cfg.img_size, cfg.model)
         return net
