@@ -12,6 +12,11 @@ config as a dict, RNG states as tensors), so loading one cannot run code:
     step                optimizer steps taken in all
     best_accuracy, history   best val accuracy so far; per-epoch metrics rows
     config, classes, data    the resolved TrainConfig, class names, data identity
+
+last.pt holds all of it (it is what --resume reads). best.pt is the selection
+snapshot: the same minus optimizer, scheduler, scaler and per-rank states, which only
+resuming needs; for EfficientNet-B0 that is 16 MB instead of 49 MB (AdamW's two moment
+tensors per weight), small enough to ship in the repo.
 """
 from __future__ import annotations
 
@@ -37,6 +42,14 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "ranks")
+
+
+def selection_snapshot(payload: dict) -> dict:
+    """best.pt's content: everything but the state only resuming needs."""
+    return {key: value for key, value in payload.items() if key not in RESUME_ONLY}
 
 
 def load_checkpoint(path: Path | str) -> dict:

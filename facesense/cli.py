@@ -178,6 +178,39 @@ def bench_loader(
         fail(str(exc))
 
 
+@bench_app.command("train")
+def bench_train(
+    data: Path = typer.Option(Path("data/shards"), "--data", help="Shard directory."),
+    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated image sizes."),
+    variants: str = typer.Option("", "--variants", help="Synthetic-step variants, comma-separated, from "
+                                 "eager|compiled-fp32|amp-nchw|cl; the first is used end to end. "
+                                 "Default: compiled-amp-cl,eager-amp-cl,compiled-fp32-cl,compiled-amp-nchw on CUDA; "
+                                 "eager-fp32-cl,eager-fp32-nchw,eager-amp-cl on CPU."),
+    loaders: str = typer.Option("auto,resident,dali,dataloader", "--loaders", help="Loader kinds for end_to_end."),
+    model: str = typer.Option("efficientnet_b0", "--model", help="timm model name."),
+    channels: int = typer.Option(1, "--channels", help="Input channels (1 or 3)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Images per step."),
+    steps: int = typer.Option(10, "--steps", help="Steps per timed run."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (include compilation)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
+    json_path: Path = typer.Option(Path("benchmarks/results/train-cpu.json"), "--json", help="Where to write results."),
+):
+    """Training images/s per size: synthetic ceiling per variant, and end to end per loader."""
+    import torch
+
+    from benchmarks.bench_train import run
+
+    if not variants:
+        variants = ("compiled-amp-cl,eager-amp-cl,compiled-fp32-cl,compiled-amp-nchw" if torch.cuda.is_available()
+                    else "eager-fp32-cl,eager-fp32-nchw,eager-amp-cl")
+    try:
+        run(data, [int(s) for s in _csv(sizes)], _csv(variants), _csv(loaders), model, channels, batch_size,
+            steps, warmup, repeats, device, json_path)
+    except (ShardError, ValueError) as exc:
+        fail(str(exc))
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 

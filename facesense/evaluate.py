@@ -7,7 +7,6 @@ to scikit-learn's `roc_auc_score(multi_class="ovr", average="macro")` when all a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from facesense.errors import FaceSenseError
+from pipeline.shards import sha256_file
 
 TTA = ("none", "flip")
 
@@ -90,14 +90,6 @@ def print_table(metrics: dict, title: str) -> None:
                   f"weighted F1 {metrics['f1_weighted']:.4f}   ({metrics['count']} images)")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: Path = Path("model"),
                         tta: str = "none", batch_size: int = 512, loader: str = "auto", workers: int = 2,
                         device: str = "auto") -> dict:
@@ -137,7 +129,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: 
 
     out.mkdir(parents=True, exist_ok=True)
     report = {**metrics, "split": split, "tta": tta,
-              "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": _sha256(Path(checkpoint)),
+              "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": sha256_file(Path(checkpoint)),
                              "model": cfg.model, "weights": which, "epoch": ckpt["epoch"], "step": ckpt["step"],
                              "best_val_accuracy": ckpt.get("best_accuracy")},
               "data": data_identity(data, manifest, split),

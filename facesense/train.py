@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from facesense import runtime
-from facesense.checkpoint import load_checkpoint, save_checkpoint
+from facesense.checkpoint import load_checkpoint, save_checkpoint, selection_snapshot
 from facesense.config import TrainConfig, resume_differences
 from facesense.data import data_identity, open_split, read_manifest
 from facesense.errors import FaceSenseError
@@ -186,7 +186,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
                    "config": cfg.to_dict(), "classes": classes, "data": data_id}
         save_checkpoint(out / "last.pt", payload)
         if is_best:
-            save_checkpoint(out / "best.pt", payload)
+            save_checkpoint(out / "best.pt", selection_snapshot(payload))
 
     def check_finite(value: float, where: str) -> None:
         if not math.isfinite(value):

@@ -6,7 +6,6 @@ bad value and the row it sits in. `line` numbers are 1-based lines of the file.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +27,6 @@ class CsvRows:
     splits: np.ndarray  # (N,) uint8 index into SPLITS
     lines: np.ndarray  # (N,) 1-based line number of each row
     bad: dict[int, str]  # row position -> reason
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_csv(path: Path) -> CsvRows:

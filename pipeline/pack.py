@@ -26,7 +26,7 @@ from pipeline.classes import FER2013_CLASSES, FERPLUS_CLASSES, SPLITS
 from pipeline.duplicates import find_duplicates
 from pipeline.errors import PackError
 from pipeline.ferplus import DROP, read_ferplus
-from pipeline.shards import FORMAT_VERSION, MANIFEST, write_split
+from pipeline.shards import FORMAT_VERSION, MANIFEST, sha256_file, write_split
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,8 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
 def _fingerprint(fmt: str, src: Path, scan, opts: PackOptions) -> str:
     """Identity of (source contents, options): equal fingerprints mean an identical pack."""
     try:
-        source = scan.fingerprint if scan is not None else csv_source.file_sha256(src)
-        ferplus = csv_source.file_sha256(Path(opts.ferplus)) if opts.ferplus else None
+        source = scan.fingerprint if scan is not None else sha256_file(src)
+        ferplus = sha256_file(Path(opts.ferplus)) if opts.ferplus else None
     except OSError as exc:  # e.g. a --ferplus path that does not exist: one line, not a traceback
         raise PackError(f"{exc.filename}: cannot read ({exc.strerror})") from exc
     blob = json.dumps({"v": FORMAT_VERSION, "format": fmt, "source": source, "ferplus": ferplus,

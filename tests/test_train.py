@@ -71,6 +71,7 @@ def test_train_writes_checkpoints_metrics_and_curves(data, tmp_path):
     assert last["config"]["class_weights"] == "balanced" and last["classes"][0] == "angry"
     assert isinstance(last["ranks"][0]["rng"]["torch"], torch.Tensor)
     best = load(out / "best.pt")
+    assert "optimizer" not in best and "ranks" not in best and "model" in best  # selection snapshot
     best_epoch = max(history, key=lambda r: r["val_accuracy"])["epoch"]
     assert best["epoch"] == best_epoch and best["best_accuracy"] == max(r["val_accuracy"] for r in history)
 

@@ -1,0 +1,138 @@
+"""Training throughput: the training step with everything else stripped out.
+
+Run: facesense bench train --data data/shards --sizes 48,112,224 --json benchmarks/results/train-cpu.json
+
+Per image size:
+* `synthetic`: the model step alone on random data already on the device (the ceiling),
+  for each variant in --variants (eager|compiled x fp32|amp x nchw|cl);
+* `end_to_end`: real shards through each loader in --loaders, with the first variant
+  (the one training uses by default on this device).
+Warm-up steps first (they include compilation), then --repeats timed runs of --steps
+steps, synchronised; the median run is reported. The step is facesense train's:
+model from facesense.model, AdamW from facesense.optim, AMP from facesense.runtime.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.env import write_result
+from facesense.config import TrainConfig
+from facesense.model import create_model
+from facesense.optim import make_optimizer
+from facesense.runtime import amp_setup
+from pipeline.loaders import LoaderConfig, make_loader
+from pipeline.shards import load_manifest
+
+
+def parse_variant(name: str) -> dict:
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] not in ("eager", "compiled") or parts[1] not in ("fp32", "amp") \
+            or parts[2] not in ("nchw", "cl"):
+        raise ValueError(f"variant {name!r}: expected eager|compiled-fp32|amp-nchw|cl, e.g. eager-fp32-cl")
+    return {"compile": parts[0] == "compiled", "amp": parts[1] == "amp", "channels_last": parts[2] == "cl"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Step:
+    """One training step of `model_name` for a variant, on `device`."""
+
+    def __init__(self, model_name: str, num_classes: int, channels: int, variant: dict, device: torch.device):
+        fmt = torch.channels_last if variant["channels_last"] else torch.contiguous_format
+        self.model = create_model(model_name, channels, num_classes, zero_init=True).to(device, memory_format=fmt)
+        self.optimizer = make_optimizer(self.model, TrainConfig(), device)
+        self.autocast, self.scaler, _ = amp_setup(variant["amp"], "bfloat16", device)
+        self.forward = torch.compile(self.model) if variant["compile"] else self.model
+        self.format = fmt
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with self.autocast:
+            loss = F.cross_entropy(self.forward(images.contiguous(memory_format=self.format)), labels,
+                                   label_smoothing=0.1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def _time(step: Step, batches, steps: int, warmup: int, repeats: int, batch_size: int,
+          device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        step(*next(batches))
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(*next(batches))
+        _sync(device)
+        rates.append(steps * batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def _loader_stream(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], model: str, channels: int,
+        batch_size: int, steps: int, warmup: int, repeats: int, device: str, json_path: Path) -> dict:
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    parsed = {v: parse_variant(v) for v in variants}
+    classes = load_manifest(data)["classes"]
+    results = []
+
+    def record(row: dict, rates: list[float]) -> None:
+        row.update(images_per_s=statistics.median(rates), all_images_per_s=rates)
+        results.append(row)
+        print(f"{row['size']:4d}px {row['mode']:10s} {row['loader']:10s} {row['variant']:18s} "
+              f"{row['images_per_s']:9.1f} img/s")
+
+    for size in sizes:
+        for name, variant in parsed.items():
+            torch.manual_seed(0)
+            step = Step(model, len(classes), channels, variant, dev)
+            fixed = (torch.randn(batch_size, channels, size, size, device=dev),
+                     torch.randint(0, len(classes), (batch_size,), device=dev))
+            rates = _time(step, iter(lambda: fixed, None), steps, warmup, repeats, batch_size, dev)
+            record({"size": size, "mode": "synthetic", "loader": "none", "variant": name}, rates)
+        name, variant = variants[0], parsed[variants[0]]
+        for kind in loaders:
+            cfg = LoaderConfig(kind=kind, batch_size=batch_size, img_size=size, channels=channels,
+                               compile_cpu=variant["compile"])
+            try:
+                loader = make_loader(data, "train", cfg, dev)
+            except ImportError as exc:
+                results.append({"size": size, "mode": "end_to_end", "loader": kind, "variant": name,
+                                "skipped": str(exc)})
+                continue
+            torch.manual_seed(0)
+            step = Step(model, len(classes), channels, variant, dev)
+            rates = _time(step, _loader_stream(loader), steps, warmup, repeats, batch_size, dev)
+            record({"size": size, "mode": "end_to_end", "loader": kind, "resolved_loader": loader.kind,
+                    "variant": name}, rates)
+            del loader
+    ratios = {}
+    for size in sizes:
+        ceiling = next(r["images_per_s"] for r in results if r["size"] == size and r["mode"] == "synthetic"
+                       and r["variant"] == variants[0])
+        ratios[str(size)] = {r["loader"]: r["images_per_s"] / ceiling for r in results
+                             if r["size"] == size and r["mode"] == "end_to_end" and "images_per_s" in r}
+    payload = {"benchmark": "train", "results": results, "end_to_end_over_ceiling": ratios,
+               "config": {"data": str(data), "model": model, "channels": channels, "batch_size": batch_size,
+                          "steps": steps, "warmup": warmup, "repeats": repeats, "variants": variants,
+                          "loaders": loaders, "device": str(dev), "torch_threads": torch.get_num_threads()}}
+    write_result(json_path, payload)
+    print(f"end-to-end / ceiling: {ratios}\nwrote {json_path}")
+    return payload
