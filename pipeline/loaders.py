@@ -111,8 +111,8 @@ class Loader:
         pad = self.num_samples - self.part_size
         return torch.cat([order, order[:pad]]) if pad else order
 
-    def index_batches(self, epoch: int | None = None) -> list[torch.Tensor]:
-        order = self.epoch_order(epoch)
+    def index_batches(self, epoch: int | None = None, device=None) -> list[torch.Tensor]:
+        order = self.epoch_order(epoch).to(device or "cpu")  # one copy per epoch, views per batch
         b = self.cfg.batch_size
         return [order[i * b:(i + 1) * b] for i in range(len(self))]
 
@@ -137,8 +137,7 @@ class ResidentLoader(Loader):
 
     def __iter__(self):
         params_gen = _generator(self.cfg.seed, self.epoch, self.cfg.rank, 1, self.device)
-        for i, idx in enumerate(self.index_batches()):
-            idx = idx.to(self.device, non_blocking=True)
+        for i, idx in enumerate(self.index_batches(device=self.device)):
             params = (sample_params(len(idx), self.cfg.aug, params_gen) if self.cfg.train
                       else identity_params(len(idx), self.device))
             if i < self.start_batch:
