@@ -53,3 +53,32 @@ def test_compiled_matches_eager():
     eager = augment_explicit(images, torch.arange(6), params, out)
     compiled = compiled_explicit()(images, torch.arange(6), params, out)
     assert (eager - compiled).abs().max() < 1e-4
+
+
+def test_compiled_engine_never_overwrites_a_batch_still_held():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (10, 48, 48), dtype=torch.uint8, generator=g)
+    out = OutputSpec(size=32, channels=3)
+    engine = compiled_explicit()
+    draws = [sample_params(4, AugConfig(), g) for _ in range(4)]
+    index = torch.arange(4)
+    held = [engine(images, index, p, out) for p in draws]  # every batch kept alive
+    for p, batch in zip(draws, held):
+        assert torch.allclose(batch, augment_explicit(images, index, p, out), atol=1e-4)
+
+
+def test_buffer_pool_reuses_only_released_buffers():
+    from kernels.buffers import BufferPool
+
+    pool = BufferPool(max_buffers=2)
+    a = pool.get((4, 5), torch.float32, "cpu")
+    a_ptr, view = a.data_ptr(), a[1:]
+    del a
+    b = pool.get((4, 5), torch.float32, "cpu")
+    assert b.data_ptr() != a_ptr  # the view keeps a's memory busy
+    del view
+    c = pool.get((4, 5), torch.float32, "cpu")
+    assert c.data_ptr() == a_ptr  # released: handed out again
+    d = pool.get((4, 5), torch.float32, "cpu")  # both pooled buffers busy, pool full
+    assert d.data_ptr() not in (b.data_ptr(), c.data_ptr())
+    assert pool.get((2, 5), torch.float32, "cpu").shape == (2, 5)
