@@ -145,6 +145,8 @@ def _load_folders(src: Path, scan, opts: PackOptions, workers: int, show_progres
         splits[idx[val]] = SPLITS.index("val")
         notes["val_from_train"] = True
     splits[splits == 255] = SPLITS.index("train")
+    if keep.all():  # the usual case: no 74 MB copy
+        return Loaded(images, scan.labels, splits, scan.paths, FER2013_CLASSES, skipped, notes)
     return Loaded(images[keep], scan.labels[keep], splits[keep], [p for p, k in zip(scan.paths, keep) if k],
                   FER2013_CLASSES, skipped, notes)
 
