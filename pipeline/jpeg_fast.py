@@ -33,14 +33,15 @@ except ImportError:  # pragma: no cover - Pillow is a dependency
 _SOF_HUFFMAN = (0xC0, 0xC1, 0xC2)
 
 
-def read_file(path: str) -> bytes:
-    """The whole file, with fewer Python objects than open().read() (~4 us vs ~9 us)."""
+def read_file(path: str) -> tuple[bytes, os.stat_result]:
+    """The whole file and its stat, with fewer Python objects than open().read() (~5 vs ~9 us)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        stat = os.fstat(fd)
         parts = [os.read(fd, 1 << 16)]
         while len(parts[-1]) == 1 << 16:  # a short read of a regular file is its end
             parts.append(os.read(fd, 1 << 16))
-        return b"".join(parts)
+        return b"".join(parts), stat
     finally:
         os.close(fd)
 

@@ -52,6 +52,7 @@ class Loaded:
     classes: tuple[str, ...]
     skipped: list[dict]
     notes: dict  # source-specific facts for the manifest
+    source_id: str | None = None  # identity of the source contents, where loading yields it
 
 
 def detect_format(src: Path, requested: str) -> str:
@@ -79,15 +80,20 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
     if opts.shard_size < 1:
         raise PackError(f"--shard-size {opts.shard_size}: must be at least 1")
     scan = folders.scan_folders(src) if fmt == "folders" else None
-    fingerprint = _fingerprint(fmt, src, scan, opts)
+    ferplus_sha = _sha256_or_fail(Path(opts.ferplus)) if opts.ferplus else None
 
     existing = out / MANIFEST
+    source_id = None  # identity of the source contents; from the decode itself unless needed now
     if out.exists():
         if not existing.is_file():
             if any(out.iterdir()):
                 raise PackError(f"{out}: exists and is not a FaceSense shard directory; choose another --out")
-        elif not force and _read_fingerprint(existing) == fingerprint:
-            return json.loads(existing.read_text()), False
+        elif not force:
+            source_id = (folders.stat_fingerprint(src, scan.paths) if scan is not None
+                         else _sha256_or_fail(src))
+            fingerprint = _fingerprint(fmt, source_id, ferplus_sha, opts)
+            if _read_fingerprint(existing) == fingerprint:
+                return json.loads(existing.read_text()), False
     new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
@@ -98,6 +104,9 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
             workers = workers or os.cpu_count() or 1
             loaded = (_load_folders(src, scan, opts, workers, show_progress) if fmt == "folders"
                       else _load_csv(src, opts))
+            # Folders: the decode's own stat of each file it read. CSV: its sha256.
+            source_id = loaded.source_id or source_id or _sha256_or_fail(src)
+            fingerprint = _fingerprint(fmt, source_id, ferplus_sha, opts)
             manifest = _write(tmp, loaded, opts, fmt, src, fingerprint)
             check_interrupted()  # an interrupt Python swallowed must not publish the output
             _replace_dir(tmp, out)
@@ -112,14 +121,16 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
     return manifest, True
 
 
-def _fingerprint(fmt: str, src: Path, scan, opts: PackOptions) -> str:
-    """Identity of (source contents, options): equal fingerprints mean an identical pack."""
+def _sha256_or_fail(path: Path) -> str:
     try:
-        source = scan.fingerprint if scan is not None else sha256_file(src)
-        ferplus = sha256_file(Path(opts.ferplus)) if opts.ferplus else None
+        return sha256_file(path)
     except OSError as exc:  # e.g. a --ferplus path that does not exist: one line, not a traceback
         raise PackError(f"{exc.filename}: cannot read ({exc.strerror})") from exc
-    blob = json.dumps({"v": FORMAT_VERSION, "format": fmt, "source": source, "ferplus": ferplus,
+
+
+def _fingerprint(fmt: str, source_id: str, ferplus_sha: str | None, opts: PackOptions) -> str:
+    """Identity of (source contents, options): equal fingerprints mean an identical pack."""
+    blob = json.dumps({"v": FORMAT_VERSION, "format": fmt, "source": source_id, "ferplus": ferplus_sha,
                        "options": {**asdict(opts), "ferplus": bool(opts.ferplus), "format": fmt}},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -133,8 +144,9 @@ def _read_fingerprint(manifest_path: Path) -> str | None:
 
 
 def _load_folders(src: Path, scan, opts: PackOptions, workers: int, show_progress: bool) -> Loaded:
-    images, keep, skipped = folders.decode_images(src, scan.paths, workers=workers, resize=opts.resize,
-                                                  skip_bad=opts.skip_bad, show_progress=show_progress)
+    images, keep, skipped, source_id = folders.decode_images(
+        src, scan.paths, workers=workers, resize=opts.resize, skip_bad=opts.skip_bad,
+        show_progress=show_progress)
     splits = scan.splits.copy()
     unprefixed = splits == 255
     notes = {"val_from_train": False}
@@ -146,9 +158,9 @@ def _load_folders(src: Path, scan, opts: PackOptions, workers: int, show_progres
         notes["val_from_train"] = True
     splits[splits == 255] = SPLITS.index("train")
     if keep.all():  # the usual case: no 74 MB copy
-        return Loaded(images, scan.labels, splits, scan.paths, FER2013_CLASSES, skipped, notes)
+        return Loaded(images, scan.labels, splits, scan.paths, FER2013_CLASSES, skipped, notes, source_id)
     return Loaded(images[keep], scan.labels[keep], splits[keep], [p for p, k in zip(scan.paths, keep) if k],
-                  FER2013_CLASSES, skipped, notes)
+                  FER2013_CLASSES, skipped, notes, source_id)
 
 
 def _load_csv(src: Path, opts: PackOptions) -> Loaded:
