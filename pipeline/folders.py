@@ -135,16 +135,17 @@ def _decode_chunk(task: tuple[str, int, list[str], bool]):
     out = _OUTPUT[start:start + len(rels)]
     band = jpeg_fast.GrayBand(len(rels), SIDE) if jpeg_fast.AVAILABLE else None
     fast = np.zeros(len(rels), bool)
-    sizes = np.full(len(rels), -1, np.int64)
-    mtimes = np.full(len(rels), -1, np.int64)
-    bad = []
+    sizes, mtimes, bad = [], [], []
     for i, rel in enumerate(rels):
-        path = os.path.join(root, rel)
+        path = f"{root}/{rel}"
         try:
             data, stat = jpeg_fast.read_file(path)
-            sizes[i], mtimes[i] = stat.st_size, stat.st_mtime_ns
+            sizes.append(stat.st_size)
+            mtimes.append(stat.st_mtime_ns)
         except OSError:
             data = None  # unreadable: Image.open below reports it the usual way
+            sizes.append(-1)
+            mtimes.append(-1)
         if not rel.lower().endswith(IMAGE_SUFFIXES):
             bad.append((i, f"not an image file (expected {'/'.join(IMAGE_SUFFIXES)})"))
             continue
@@ -158,7 +159,7 @@ def _decode_chunk(task: tuple[str, int, list[str], bool]):
                 bad.append((i, reason))
     if fast.any():
         out[fast] = band.array()[fast]
-    return bad, sizes, mtimes
+    return bad, np.array(sizes, np.int64), np.array(mtimes, np.int64)
 
 
 def _shared_array(shape: tuple[int, ...]) -> np.ndarray:

@@ -38,8 +38,11 @@ def read_file(path: str) -> tuple[bytes, os.stat_result]:
     fd = os.open(path, os.O_RDONLY)
     try:
         stat = os.fstat(fd)
-        parts = [os.read(fd, 1 << 16)]
-        while len(parts[-1]) == 1 << 16:  # a short read of a regular file is its end
+        data = os.read(fd, 1 << 16)
+        if len(data) < 1 << 16:  # a short read of a regular file is its end
+            return data, stat
+        parts = [data]
+        while len(parts[-1]) == 1 << 16:
             parts.append(os.read(fd, 1 << 16))
         return b"".join(parts), stat
     finally:

@@ -33,28 +33,35 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, ids: list[str],
-                classes: tuple[str, ...], shard_size: int) -> dict:
-    """Write one split's shards into out_dir; return its manifest entry."""
-    shards = []
-    for k, start in enumerate(range(0, len(images), shard_size)):
-        stop = min(start + shard_size, len(images))
-        name = f"{split}-{k}.h5"
-        with h5py.File(out_dir / name, "w") as f:
-            n = stop - start
-            f.create_dataset("images", data=images[start:stop], chunks=(min(n, CHUNK_IMAGES), SIDE, SIDE),
-                             fletcher32=True)
-            f.create_dataset("labels", data=labels[start:stop].astype(np.uint8), fletcher32=True,
-                             chunks=(n,))
-            f.create_dataset("ids", data=np.array(ids[start:stop], dtype=object),
-                             dtype=h5py.string_dtype())
-            f.attrs.update(magic=MAGIC, format_version=FORMAT_VERSION, split=split, shard=k,
-                           classes=json.dumps(list(classes)))
-        shards.append({"file": name, "count": stop - start, "sha256": sha256_file(out_dir / name)})
+def write_shard(out_dir: Path, split: str, k: int, images: np.ndarray, labels: np.ndarray,
+                ids: list[str], classes: tuple[str, ...]) -> dict:
+    """Write `<split>-<k>.h5`; return its manifest entry {"file", "count", "sha256"}."""
+    name, n = f"{split}-{k}.h5", len(images)
+    with h5py.File(out_dir / name, "w") as f:
+        f.create_dataset("images", data=images, chunks=(max(1, min(n, CHUNK_IMAGES)), SIDE, SIDE),
+                         fletcher32=True)
+        f.create_dataset("labels", data=labels.astype(np.uint8), fletcher32=True, chunks=(max(1, n),))
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
+        f.attrs.update(magic=MAGIC, format_version=FORMAT_VERSION, split=split, shard=k,
+                       classes=json.dumps(list(classes)))
+    return {"file": name, "count": n, "sha256": sha256_file(out_dir / name)}
+
+
+def split_entry(labels: np.ndarray, classes: tuple[str, ...], shards: list[dict]) -> dict:
+    """A split's manifest entry: count, per-class counts and its shards."""
     counts = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), int)
-    return {"count": int(len(images)),
+    return {"count": int(len(labels)),
             "class_counts": {c: int(n) for c, n in zip(classes, counts)},
             "shards": shards}
+
+
+def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, ids: list[str],
+                classes: tuple[str, ...], shard_size: int) -> dict:
+    """Write one split's shards (at most shard_size images each) into out_dir; return its manifest entry."""
+    shards = [write_shard(out_dir, split, k, images[start:start + shard_size],
+                          labels[start:start + shard_size], ids[start:start + shard_size], classes)
+              for k, start in enumerate(range(0, len(images), shard_size))]
+    return split_entry(labels, classes, shards)
 
 
 def load_manifest(data_dir: Path | str) -> dict:

@@ -535,16 +535,16 @@ def test_an_interrupt_that_python_swallows_still_stops_the_pack(kaggle: Tree, tm
 
 
 def test_sigterm_during_a_pack_in_process_cleans_up(kaggle: Tree, tmp_path, monkeypatch):
-    real_write = pack_module.write_split
+    real_write = pack_module.write_shard
     calls = []
 
-    def write_split(out_dir, *args, **kwargs):
+    def write_shard(out_dir, *args, **kwargs):
         calls.append(out_dir)
         if len(calls) == 2:  # train written, val next: interrupted midway
             os.kill(os.getpid(), signal.SIGTERM)
         return real_write(out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(pack_module, "write_split", write_split)
+    monkeypatch.setattr(pack_module, "write_shard", write_shard)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_pack(kaggle.root, out)
