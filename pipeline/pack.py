@@ -7,6 +7,7 @@ into the same DIR removes it. Rerunning on an unchanged source does nothing.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -98,9 +99,10 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
 
+    partial_prefix = f".{out.name}.partial-{os.getpid()}-"
     with _interrupts_raise() as check_interrupted:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=partial_prefix, dir=out.parent))
             workers = workers or os.cpu_count() or 1
             loaded = (_load_folders(src, scan, opts, workers, show_progress) if fmt == "folders"
                       else _load_csv(src, opts))
@@ -111,7 +113,9 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
             check_interrupted()  # an interrupt Python swallowed must not publish the output
             _replace_dir(tmp, out)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # By prefix, not by `tmp`: an interrupt can land inside mkdtemp, after the mkdir.
+            for partial in out.parent.glob(f"{glob.escape(partial_prefix)}*"):
+                shutil.rmtree(partial, ignore_errors=True)
             for parent in new_parents:  # a failed pack leaves no trace, not even empty parents
                 try:
                     parent.rmdir()
