@@ -21,7 +21,7 @@ def _row_hashes(flat: np.ndarray) -> np.ndarray:
         flat = np.pad(flat, ((0, 0), (0, pad)))
     words = flat.view(np.uint64)
     multipliers = np.random.default_rng(0x5EED).integers(1, 2**63, words.shape[1], np.uint64) * 2 + 1
-    return (words * multipliers).sum(axis=1, dtype=np.uint64)
+    return words @ multipliers  # integer matmul wraps mod 2**64, with no 74 MB temporary
 
 
 def _exact_groups(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +51,10 @@ def find_duplicates(images: np.ndarray, labels: np.ndarray, splits: np.ndarray,
     """
     flat = np.ascontiguousarray(images.reshape(len(images), -1))
     group_of, sizes = _exact_groups(flat)
-    name = [f"{SPLITS[s]}:{i}" for s, i in zip(splits, ids)]
+
+    def name(i: int) -> str:  # only reported images get a name (most images are unique)
+        return f"{SPLITS[splits[i]]}:{ids[i]}"
+
     groups, cross, conflicting = [], [], []
     dup_of_eval = np.zeros(len(images), bool)
     order = np.argsort(group_of, kind="stable")  # members of each group together, by position
@@ -61,7 +64,7 @@ def find_duplicates(images: np.ndarray, labels: np.ndarray, splits: np.ndarray,
     for g in repeated[np.argsort(order[starts[repeated]], kind="stable")]:
         members = order[starts[g]:starts[g] + sizes[g]]
         k = len(groups)
-        groups.append([name[m] for m in members])
+        groups.append([name(m) for m in members])
         member_splits = set(splits[members].tolist())
         if len(member_splits) > 1:
             cross.append(k)
@@ -74,7 +77,7 @@ def find_duplicates(images: np.ndarray, labels: np.ndarray, splits: np.ndarray,
         "groups": groups,
         "cross_split_groups": cross,
         "conflicting_label_groups": conflicting,
-        "near_blank": [name[i] for i in np.flatnonzero(near_blank)],
+        "near_blank": [name(i) for i in np.flatnonzero(near_blank)],
         "near_blank_max_range": NEAR_BLANK_RANGE,
         "summary": {"groups": len(groups), "images_in_groups": int(sum(map(len, groups))),
                     "cross_split_groups": len(cross), "conflicting_label_groups": len(conflicting),

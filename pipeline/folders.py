@@ -63,10 +63,13 @@ def scan_folders(src: Path) -> FolderScan:
     return FolderScan(paths, np.array(labels, np.uint8), np.array(splits, np.uint8))
 
 
+def _fingerprint_lines(paths: list[str], sizes: np.ndarray, mtimes_ns: np.ndarray) -> bytes:
+    return "".join(f"{p}\0{n}\0{t}\n" for p, n, t in zip(paths, sizes.tolist(), mtimes_ns.tolist())).encode()
+
+
 def files_fingerprint(paths: list[str], sizes: np.ndarray, mtimes_ns: np.ndarray) -> str:
     """sha256 over (path, size, mtime) of every file: what tells an unchanged source."""
-    lines = "".join(f"{p}\0{n}\0{t}\n" for p, n, t in zip(paths, sizes.tolist(), mtimes_ns.tolist()))
-    return hashlib.sha256(lines.encode()).hexdigest()
+    return hashlib.sha256(_fingerprint_lines(paths, sizes, mtimes_ns)).hexdigest()
 
 
 def stat_fingerprint(src: Path, paths: list[str]) -> str:
@@ -179,16 +182,15 @@ def decode_images(src: Path, paths: list[str], *, workers: int, resize: bool, sk
     tasks = [(str(src), start, paths[start:start + CHUNK], resize)
              for start in range(0, len(paths), CHUNK)]
     keep = np.ones(len(paths), bool)
-    sizes = np.empty(len(paths), np.int64)
-    mtimes = np.empty(len(paths), np.int64)
+    fingerprint = hashlib.sha256()
     skipped = []
     images = _OUTPUT = _shared_array((len(paths), SIDE, SIDE))
     try:
         with progress_bar("decode", total=len(paths), enabled=show_progress) as advance, \
                 forkpool.ordered_map(_decode_chunk, tasks, workers) as results:
             for (_, start, chunk, _), (bad, chunk_sizes, chunk_mtimes) in zip(tasks, results):
-                sizes[start:start + len(chunk)] = chunk_sizes
-                mtimes[start:start + len(chunk)] = chunk_mtimes
+                # = files_fingerprint(paths, ...), built while the workers decode the next chunks
+                fingerprint.update(_fingerprint_lines(chunk, chunk_sizes, chunk_mtimes))
                 for i, reason in bad:
                     if not skip_bad:
                         raise BadItem(str(src / paths[start + i]), reason)
@@ -197,4 +199,4 @@ def decode_images(src: Path, paths: list[str], *, workers: int, resize: bool, sk
                 advance(len(chunk))
     finally:
         _OUTPUT = None  # the caller's array keeps the mapping alive as long as it needs it
-    return images, keep, skipped, files_fingerprint(paths, sizes, mtimes)
+    return images, keep, skipped, fingerprint.hexdigest()
