@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import jpeg_fast
+from pipeline import folders, jpeg_fast
 from pipeline.pack import PackOptions, pack
 from pipeline.shards import read_split
 
@@ -92,8 +92,10 @@ def test_read_file_reads_files_larger_than_one_read(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_pack_of_jpegs_holds_what_image_open_decodes(tmp_path, workers):
-    """Fast-path JPEGs, a colour JPEG and PNGs side by side: every image as Image.open sees it."""
+def test_pack_of_jpegs_holds_what_image_open_decodes(tmp_path, monkeypatch, workers):
+    """Fast-path JPEGs, a colour JPEG and PNGs side by side: every image as Image.open sees it.
+    Chunks of 8 files, so two workers share the decode (and its fingerprint) for real."""
+    monkeypatch.setattr(folders, "CHUNK", 8)
     expected = {}
     for k, array in enumerate(faces(40, seed=1)):
         rel = f"train/happy/Training_{k}.jpg"
@@ -109,8 +111,13 @@ def test_pack_of_jpegs_holds_what_image_open_decodes(tmp_path, workers):
             data = jpeg_bytes(array, quality=90)
         (tmp_path / "src" / rel).write_bytes(data)
         expected[rel] = pil_gray(data)
-    pack(tmp_path / "src", tmp_path / "out", PackOptions(val_fraction=0.25), workers=workers,
-         show_progress=False)
+    def run():
+        return pack(tmp_path / "src", tmp_path / "out", PackOptions(val_fraction=0.25),
+                    workers=workers, show_progress=False)
+
+    _, built = run()
+    assert built
+    assert run()[1] is False  # the workers' fingerprint equals the stat pass of an unchanged source
     seen = {}
     for split in ("train", "val"):
         part = read_split(tmp_path / "out", split, with_ids=True)

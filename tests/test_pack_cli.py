@@ -235,6 +235,7 @@ def wait_for(proc: subprocess.Popen, out: Path, what: str, timeout: float = 60) 
     (signal.SIGTERM, 1, "partial"),   # while decoding
     (signal.SIGINT, 1, "shard"),      # while shards are being written
     (signal.SIGTERM, 2, "partial"),   # with a worker pool to shut down
+    (signal.SIGINT, 2, "shard"),      # while a worker pool writes the shards
 ])
 def test_interrupted_pack_leaves_nothing(big_source, tmp_path, sig, workers, when):
     out = tmp_path / "out"
