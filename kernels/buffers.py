@@ -23,8 +23,8 @@ def _storage_refs(t: torch.Tensor) -> int | None:
 class BufferPool:
     """Hands out tensors of a given shape/dtype, reusing those the caller has released."""
 
-    def __init__(self, max_buffers: int = 3):
-        self.max_buffers = max_buffers  # per shape: a consumer holding one batch + prefetch
+    def __init__(self, max_buffers: int = 2):
+        self.max_buffers = max_buffers  # per shape: the batch the consumer holds + the next one
         self._free_refs: dict[tuple, int] = {}  # refs a buffer has when only the pool holds it
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
 
