@@ -1,27 +1,22 @@
 """Optimisation pieces: optimizer, warm-up + cosine schedule, class weights, weight EMA."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from facesense.config import TrainConfig
 
 
-class EMA:
-    """Exponential moving average of the weights, updated in place on the device (no host sync)."""
+def make_ema(model: nn.Module, decay: float) -> ModelEmaV3:
+    """timm's weight EMA (parameters and BN statistics), updated in place on the device (no host sync).
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # short warm-up: early weights fade fast
-        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - decay)
-        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))  # BN statistics as they are
+    The decay ramps up as 1 - (1 + step)^-3/4 (timm's warm-up; early weights fade fast) and is capped at
+    `decay`: 0.999 is reached after ~10k steps.
+    """
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=3 / 4)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):

@@ -17,15 +17,16 @@ def _save(fig, path: Path) -> None:
 
 
 def training_curves(history: list[dict], path: Path) -> None:
-    """Train loss, val accuracy / F1 / AUC and the learning rate, per epoch."""
+    """Train loss, train and val accuracy, val F1 / AUC and the learning rate, per epoch."""
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].plot(epochs, [row["train_loss"] for row in history], marker="o")
     axes[0].set(title="train loss", xlabel="epoch")
-    for key, label in (("val_accuracy", "accuracy"), ("val_f1_weighted", "F1 (weighted)"),
-                       ("val_auc_macro_ovr", "ROC AUC (macro OvR)")):
-        axes[1].plot(epochs, [np.nan if row[key] is None else row[key] for row in history], marker="o", label=label)
-    axes[1].set(title="validation (PublicTest)", xlabel="epoch", ylim=(0, 1))
+    for key, label in (("train_accuracy", "train accuracy (augmented)"), ("val_accuracy", "val accuracy"),
+                       ("val_f1_weighted", "val F1 (weighted)"), ("val_auc_macro_ovr", "val ROC AUC (macro OvR)")):
+        values = [np.nan if row.get(key) is None else row[key] for row in history]  # older logs lack train acc
+        axes[1].plot(epochs, values, marker="o", label=label, linestyle="--" if key.startswith("train") else "-")
+    axes[1].set(title="accuracy: train vs validation (PublicTest)", xlabel="epoch", ylim=(0, 1))
     axes[1].legend()
     axes[2].plot(epochs, [row["lr"] for row in history], marker="o")
     axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")

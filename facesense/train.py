@@ -43,7 +43,7 @@ from facesense.data import data_identity, open_split, read_manifest
 from facesense.errors import FaceSenseError
 from facesense.evaluate import compute_metrics, predict
 from facesense.model import check_input_size, create_model
-from facesense.optim import EMA, class_weights, make_optimizer, warmup_cosine
+from facesense.optim import class_weights, make_ema, make_optimizer, warmup_cosine
 from facesense.progress import ProgressBar
 
 OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "training_curves.png")
@@ -147,6 +147,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
 
     epoch, first, step, best, history = 0, 0, 0, -1.0, []
     epoch_loss = torch.zeros((), device=rt.device)  # this rank's summed step losses in the epoch
+    epoch_correct = torch.zeros((), device=rt.device)  # ... and correct predictions on augmented train batches
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -158,7 +159,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
     if rt.distributed:
         runner = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema else None  # after DDP's broadcast: the same on every rank
+    ema = make_ema(model, cfg.ema_decay) if cfg.ema else None  # after DDP's broadcast: the same on every rank
     if ema and ckpt:
         ema.module.load_state_dict(ckpt["ema"])
     if use_compile:
@@ -173,10 +174,12 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
         else:
             runtime.set_rng_state(own["rng"])
             epoch_loss.fill_(own["epoch_loss_sum"])
+            epoch_correct.fill_(own.get("epoch_correct_sum", 0))
 
     def checkpoint(position: tuple[int, int], is_best: bool) -> None:
         """Write last.pt (and best.pt); every rank takes part (their RNG states are gathered)."""
-        ranks = runtime.gather_rank_states(rt, {"rng": runtime.rng_state(), "epoch_loss_sum": float(epoch_loss)})
+        ranks = runtime.gather_rank_states(rt, {"rng": runtime.rng_state(), "epoch_loss_sum": float(epoch_loss),
+                                              "epoch_correct_sum": float(epoch_correct)})
         if not rt.is_main:
             return
         payload = {"model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
@@ -208,7 +211,8 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
             for batch, (images, labels) in enumerate(train_loader, start=first):
                 wait += time.perf_counter() - ready
                 with autocast:
-                    loss = criterion(runner(images), labels)
+                    logits = runner(images)
+                    loss = criterion(logits, labels)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip:
                     scaler.unscale_(optimizer)
@@ -225,6 +229,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
                 loss = loss.detach().float()
                 interval_loss += loss
                 epoch_loss += loss
+                epoch_correct += (logits.detach().argmax(1) == labels).sum()  # on the device: no sync
                 bar.advance()
                 stop = bool(cfg.max_steps) and step >= cfg.max_steps
                 end_of_epoch = batch + 1 >= steps_per_epoch
@@ -250,10 +255,15 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
             done = batch + 1
             train_loss = runtime.reduce_sum(rt, epoch_loss).item() / (done * rt.world_size)
             check_finite(train_loss, f"epoch {epoch + 1}")
+            # Accuracy on the augmented batches the model trained on (padding included under DDP):
+            # next to val accuracy it shows over- or under-fitting at a glance.
+            train_acc = runtime.reduce_sum(rt, epoch_correct).item() / (done * cfg.batch_size * rt.world_size)
             position = (epoch + 1, 0) if done >= steps_per_epoch else (epoch, done)
             if position[1] == 0:
                 epoch_loss.zero_()  # before the checkpoint: it resumes at the next epoch's start
-            row = {"epoch": epoch + 1, "step": step, "steps_in_epoch": done, "train_loss": train_loss}
+                epoch_correct.zero_()
+            row = {"epoch": epoch + 1, "step": step, "steps_in_epoch": done, "train_loss": train_loss,
+                   "train_accuracy": train_acc}
             is_best = False
             if rt.is_main:
                 metrics = compute_metrics(*predict(ema.module if ema else model, val_loader, autocast), classes)
@@ -269,6 +279,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
                 _write_logs(out, history)
                 auc = row["val_auc_macro_ovr"]
                 bar.print(f"epoch {epoch + 1}/{cfg.epochs}  step {step}  train loss {train_loss:.4f}  "
+                          f"train acc {train_acc:.4f}  "
                           f"val acc {row['val_accuracy']:.4f}  AUC {'-' if auc is None else f'{auc:.4f}'}  "
                           f"F1 {row['val_f1_weighted']:.4f}  {row['images_per_s']:,.0f} img/s  "
                           f"data wait {row['data_wait_share']:.0%}" + ("  *best*" if is_best else ""))
