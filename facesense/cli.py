@@ -265,6 +265,43 @@ def bench_train(
         fail(str(exc))
 
 
+@bench_app.command("predict")
+def bench_predict(
+    model: Path = typer.Option(Path("model/best.pt"), "--model", help="Checkpoint to time (exported to ONNX here too)."),
+    data: Optional[Path] = typer.Option(Path("data/shards"), "--data", help="Shards whose val faces are classified "
+                                        "(made-up faces when absent)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Faces per classification call."),
+    photos: int = typer.Option(20, "--photos", help="640x480 single-face photos per timed run."),
+    video_frames: int = typer.Option(150, "--video-frames", help="Frames of the 640x480 test video."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
+    json_path: Path = typer.Option(Path("benchmarks/results/predict-cpu.json"), "--json", help="Where to write results."),
+):
+    """Faces/s of classification (PyTorch, onnxruntime) and photos/s, frames/s with detection at 640x480."""
+    from benchmarks.bench_predict import run
+
+    try:
+        run(model, data, batch_size, photos, repeats, video_frames, json_path)
+    except (FaceSenseError, ShardError) as exc:
+        fail(str(exc))
+
+
+@bench_app.command("margin")
+def bench_margin(
+    model: Path = typer.Option(Path("model/best.pt"), "--model", help="Checkpoint to score crops with."),
+    data: Path = typer.Option(Path("data/shards"), "--data", help="Shards whose val faces are used."),
+    margins: str = typer.Option("0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5", "--margins", help="Margins to try."),
+    limit: int = typer.Option(4000, "--limit", help="Val faces to use at most."),
+    json_path: Path = typer.Option(Path("benchmarks/results/margin-cpu.json"), "--json", help="Where to write results."),
+):
+    """Accuracy of val faces found by the detector on a canvas, per crop margin (how predict's margin was chosen)."""
+    from benchmarks.bench_predict import margin_sweep
+
+    try:
+        margin_sweep(model, data, [float(m) for m in _csv(margins)], limit, json_path)
+    except (FaceSenseError, ShardError) as exc:
+        fail(str(exc))
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 

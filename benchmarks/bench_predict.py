@@ -1,0 +1,186 @@
+"""Inference: how fast `facesense predict` is, and which crop margin makes detected faces look like FER2013's.
+
+Run: facesense bench predict --model model/best.pt --json benchmarks/results/predict-cpu.json
+     facesense bench margin  --model model/best.pt --data data/shards --json benchmarks/results/margin-cpu.json
+
+bench predict
+* `classify`: faces/s of the classifier alone on real 48x48 val faces, at --batch-size,
+  PyTorch (the checkpoint) and onnxruntime (an export of it made here), preprocessing
+  (`faces.model_input`) included, warm-up first, median of --repeats;
+* `photos`: pictures/s through the whole predict path (decode excluded: frames already in
+  memory, as from a video) on 640x480 single-face photos: detection, crop, classification
+  one photo at a time, as a video without batching across frames would;
+* `video`: frames/s of `facesense predict` itself on a 640x480 MP4 made here (decode,
+  detection, batching, JSONL), the figure a user sees.
+
+bench margin: every val face upscaled 3x (48 -> 144 px) onto a mid-grey 320x320 canvas,
+found by the Haar detector (`faces.HaarDetector`), cropped with each margin in --margins,
+classified; accuracy on the faces found, next to the accuracy of the same faces as
+packed (the ceiling). The margin whose crops score best is the framing closest to
+FER2013's.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.env import write_result
+
+
+def _faces(data: Path | None, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n real val faces (uint8 N x 48 x 48) and labels; made-up faces when there are no shards."""
+    rng = np.random.default_rng(seed)
+    if data is not None and (Path(data) / "manifest.json").is_file():
+        from pipeline.shards import read_split
+
+        split = read_split(data, "val")
+        idx = rng.choice(len(split.labels), size=min(n, len(split.labels)), replace=False)
+        return split.images[np.sort(idx)], split.labels[np.sort(idx)].astype(np.int64)
+    return rng.integers(0, 256, (n, 48, 48), dtype=np.uint8), rng.integers(0, 7, n)
+
+
+def _median_rate(fn, items: int, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return items / statistics.median(times), times
+
+
+def _photo(face: np.ndarray, rng: np.random.Generator, size=(640, 480), side: int = 160) -> np.ndarray:
+    """A 640x480 BGR picture with one face (a real portrait, scaled) on a textured background."""
+    import cv2
+
+    w, h = size
+    canvas = cv2.GaussianBlur(rng.integers(60, 200, (h, w, 3), dtype=np.uint8), (0, 0), 8)
+    face = cv2.resize(face, (side, side), interpolation=cv2.INTER_CUBIC)
+    x, y = (w - side) // 2 + int(rng.integers(-100, 100)), (h - side) // 2 + int(rng.integers(-60, 60))
+    canvas[y:y + side, x:x + side] = face if face.ndim == 3 else face[:, :, None]
+    return canvas
+
+
+def _portrait() -> np.ndarray:
+    """scikit-image's astronaut (one real face), cropped around the face, BGR."""
+    import cv2
+    from skimage import data
+
+    return cv2.cvtColor(data.astronaut()[20:220, 125:325], cv2.COLOR_RGB2BGR)
+
+
+def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: int, video_frames: int,
+        json_path: Path) -> dict:
+    import cv2
+    import torch
+    from rich.console import Console
+
+    from facesense.classifier import OnnxClassifier, load_classifier
+    from facesense.export import export
+    from facesense.faces import HaarDetector, find_faces, to_gray
+    from facesense.predict import Options, predict
+
+    console = Console()
+    faces, _ = _faces(data, batch_size)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export(model, "onnx", onnx_path)
+        backends = {"pytorch": load_classifier(model, "cpu"), "onnxruntime": OnnxClassifier(onnx_path, "cpu")}
+        for name, clf in backends.items():
+            rate, times = _median_rate(lambda: clf.probs(faces), len(faces), repeats, warmup=2)
+            results.append({"mode": "classify", "backend": name, "batch_size": len(faces),
+                            "img_size": clf.pre.img_size, "faces_per_s": rate, "times_s": times})
+            console.print(f"classify {name:12s} batch {len(faces)}: {rate:,.0f} faces/s")
+
+        rng = np.random.default_rng(0)
+        portrait = _portrait()
+        pictures = [_photo(portrait, rng) for _ in range(photos)]
+        detector = HaarDetector(48)
+        found = [len(find_faces(to_gray(p), detector)[0]) for p in pictures]
+        for name, clf in backends.items():
+            def one_by_one():
+                for picture in pictures:
+                    boxes, crops = find_faces(to_gray(picture), detector)
+                    if len(crops):
+                        clf.probs(crops)
+
+            rate, times = _median_rate(one_by_one, len(pictures), repeats)
+            results.append({"mode": "photos", "backend": name, "size": [640, 480], "photos": len(pictures),
+                            "faces_found_per_photo": statistics.mean(found), "photos_per_s": rate,
+                            "times_s": times})
+            console.print(f"photos   {name:12s} 640x480 detect+classify: {rate:,.1f} photos/s "
+                          f"({statistics.mean(found):.2f} faces found per photo)")
+
+        video = Path(tmp) / "clip.mp4"
+        writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25, (640, 480))
+        for i in range(video_frames):
+            writer.write(pictures[i % len(pictures)])
+        writer.release()
+        for name, path in (("pytorch", model), ("onnxruntime", onnx_path)):
+            out = Path(tmp) / f"out-{name}"
+            runs = []
+            for _ in range(repeats):
+                report = predict([str(video)], path, out, Options(device="cpu", batch_size=64), progress=False)
+                runs.append(report.frames / report.seconds)
+            rate = statistics.median(runs)
+            results.append({"mode": "video", "backend": name, "size": [640, 480], "frames": video_frames,
+                            "faces": report.faces, "frames_per_s": rate, "runs_frames_per_s": runs})
+            console.print(f"video    {name:12s} 640x480 facesense predict: {rate:,.1f} frames/s")
+    payload = {"benchmark": "predict", "results": results,
+               "config": {"model": str(model), "data": str(data) if data else None, "batch_size": batch_size,
+                          "photos": photos, "repeats": repeats, "video_frames": video_frames,
+                          "torch_threads": torch.get_num_threads(), "opencv_threads": cv2.getNumThreads()}}
+    write_result(json_path, payload)
+    return payload
+
+
+def margin_sweep(model: Path, data: Path, margins: list[float], limit: int, json_path: Path) -> dict:
+    import cv2
+    from rich.console import Console
+
+    from facesense.classifier import load_classifier
+    from facesense.faces import HaarDetector, resize_face, square_crop
+
+    console = Console()
+    faces, labels = _faces(data, limit)
+    clf = load_classifier(model, "cpu")
+    detector = HaarDetector(48)
+    crops = {m: [] for m in margins}
+    found = []
+    for i, face in enumerate(faces):
+        canvas = np.full((320, 320), 128, np.uint8)
+        canvas[88:232, 88:232] = cv2.resize(face, (144, 144), interpolation=cv2.INTER_CUBIC)
+        boxes = detector(canvas)
+        if not boxes:
+            continue
+        found.append(i)
+        for m in margins:
+            crops[m].append(resize_face(square_crop(canvas, boxes[0], m)))
+    found = np.array(found)
+    y = labels[found]
+
+    def accuracy(batch: np.ndarray) -> float:
+        preds = np.concatenate([clf.probs(batch[k:k + 256]).argmax(1) for k in range(0, len(batch), 256)])
+        return float((preds == y).mean())
+
+    ceiling = accuracy(faces[found])
+    rows = []
+    for m in margins:
+        acc = accuracy(np.stack(crops[m]))
+        rows.append({"margin": m, "accuracy": acc})
+        console.print(f"margin {m:.2f}: accuracy {acc:.4f}  (same faces as packed: {ceiling:.4f})")
+    best = max(rows, key=lambda r: r["accuracy"])
+    payload = {"benchmark": "margin", "faces": int(len(faces)), "found": int(len(found)),
+               "detection_rate": len(found) / len(faces), "packed_accuracy_of_found": ceiling,
+               "results": rows, "best_margin": best["margin"],
+               "config": {"model": str(model), "data": str(data), "canvas": 320, "face_side": 144,
+                          "detector": "haar", "min_face": 48}}
+    console.print(f"found {len(found)} of {len(faces)} faces; best margin {best['margin']}")
+    write_result(json_path, payload)
+    return payload
