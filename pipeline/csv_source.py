@@ -3,16 +3,24 @@
 Rows are split in Python (36k of them: cheap); the 83M pixel values are parsed in
 one vectorised NumPy pass over the bytes of all pixel fields, which also finds every
 bad value and the row it sits in. `line` numbers are 1-based lines of the file.
+
+Accepted as they come: a UTF-8 byte-order mark (Excel's "CSV UTF-8"), CR-only line
+ends, a gzipped CSV (fer2013.csv.gz) and Kaggle's original fer2013.tar.gz with the CSV
+inside.
 """
 from __future__ import annotations
 
+import gzip
+import io
+import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.classes import FER2013_CLASSES, SPLITS, USAGE_TO_SPLIT
-from pipeline.errors import BadItem, PackError
+from pipeline.errors import BadItem, PackError, clip
 
 PIXELS = 48 * 48
 REQUIRED = ("emotion", "pixels", "usage")
@@ -35,17 +43,15 @@ def read_csv(path: Path) -> CsvRows:
     Rows are walked with bytes.find over the file held once in memory; the 9 KB pixel
     fields are kept as memoryview slices, never copied line by line.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PackError(f"{path}: cannot read ({exc.strerror})") from exc
+    data = read_text_bytes(path)
     first = data.find(b"\n")
     first = len(data) if first < 0 else first
     header = [h.strip().strip('"').lower() for h in data[:first].decode("utf-8", "replace").strip().split(",")]
     missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise PackError(f"{path}: line 1: missing column(s) {', '.join(missing)}; expected a header "
-                        f"like 'emotion,pixels,Usage' (got {','.join(header)!r})")
+        what = ("a binary file, not a CSV (gzip and tar.gz are read as they are)" if b"\0" in data[:first]
+                else f"expected a header like 'emotion,pixels,Usage' (got {clip(','.join(header))!r})")
+        raise PackError(f"{path}: line 1: missing column(s) {', '.join(missing)}; {what}")
     col = {name: header.index(name) for name in REQUIRED}
     n_cols = len(header)
     view = memoryview(data)
@@ -76,10 +82,10 @@ def read_csv(path: Path) -> CsvRows:
         emotion, usage = field(col["emotion"]), field(col["usage"]).decode("utf-8", "replace")
         label = int(emotion) if emotion.isdigit() else -1
         if not 0 <= label < len(FER2013_CLASSES):
-            bad[row] = (f"label {emotion.decode('utf-8', 'replace')!r} out of range "
+            bad[row] = (f"label {clip(emotion.decode('utf-8', 'replace'))!r} out of range "
                         f"0..{len(FER2013_CLASSES) - 1}")
         elif usage not in USAGE_TO_SPLIT:
-            bad[row] = f"unknown Usage {usage!r}; expected one of {', '.join(USAGE_TO_SPLIT)}"
+            bad[row] = f"unknown Usage {clip(usage)!r}; expected one of {', '.join(USAGE_TO_SPLIT)}"
         labels.append(max(label, 0))
         splits.append(SPLITS.index(USAGE_TO_SPLIT.get(usage, "train")))
         a, b = edges[col["pixels"]] + 1, edges[col["pixels"] + 1]
@@ -96,6 +102,39 @@ def read_csv(path: Path) -> CsvRows:
         bad.setdefault(row, reason)
     return CsvRows(images.reshape(-1, 48, 48), np.array(labels, np.int64), np.array(splits, np.uint8),
                    np.array(line_nos, np.int64), bad)
+
+
+def read_text_bytes(path: Path) -> bytes:
+    """The CSV's bytes: unpacked from gzip or tar(.gz), without a BOM, with LF line ends."""
+    try:
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        if data[257:262] == b"ustar":  # a tar archive (Kaggle's fer2013.tar.gz): the CSV inside
+            data = _csv_from_tar(path, data)
+    except OSError as exc:
+        if exc.errno is None:  # gzip's own errors (BadGzipFile) have no errno
+            raise PackError(f"{path}: not a readable gzip file ({exc})") from exc
+        raise PackError(f"{path}: cannot read ({exc.strerror})") from exc
+    except (EOFError, zlib.error, tarfile.TarError) as exc:
+        raise PackError(f"{path}: truncated or corrupt archive ({exc or type(exc).__name__})") from exc
+    if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+        data = data[3:]
+    first = data.find(b"\n")
+    cr = data.find(b"\r", 0, first if first >= 0 else len(data))
+    if cr >= 0 and cr != first - 1:  # a bare CR ends the first line
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # CR-only line ends (classic Mac)
+    return data
+
+
+def _csv_from_tar(path: Path, data: bytes) -> bytes:
+    """The one CSV in a tar archive (fer2013.csv preferred)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".csv")]
+        if not members:
+            raise PackError(f"{path}: a tar archive without a .csv file in it; pass fer2013.csv")
+        member = next((m for m in members if m.name.rsplit("/", 1)[-1] == "fer2013.csv"), members[0])
+        return tar.extractfile(member).read()
 
 
 BLOCK_ROWS = 256  # ~2.5 MB of text per block: temporaries stay in cache and reuse their pages

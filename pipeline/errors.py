@@ -1,4 +1,9 @@
 """Errors with messages meant for the user: one line naming the file/row and the fix."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
 
 
 class PackError(Exception):
@@ -16,3 +21,26 @@ class BadItem(PackError):
 
 class ShardError(Exception):
     """A shard directory that is missing, corrupt, or of an unknown format version."""
+
+
+def no_space(exc: BaseException) -> bool:
+    """Did a write fail for lack of space? Also when a library (HDF5, torch's zip writer) says so only in words."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def mount_point(path: Path | str) -> str:
+    """The mount point of the file system holding `path` (or its nearest existing parent)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return str(path)
+
+
+def clip(text: str, limit: int = 40) -> str:
+    """At most `limit` characters of user input, for an error line (a bad file can be one 2 MB line)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from pipeline.progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SIDE = 48
+# Larger images are refused before decoding (decompression bombs); --resize takes anything up to this.
+MAX_PIXELS = 4096 * 4096
 CHUNK = 512  # files per worker task: large enough to hide task overhead, small enough for a smooth bar
 
 
@@ -35,6 +38,7 @@ class FolderScan:
     paths: list[str]  # relative to the source root, '/'-separated (these become the ids)
     labels: np.ndarray  # uint8, FER2013 class index
     splits: np.ndarray  # uint8 index into SPLITS; 255 = unprefixed train file (val decided later)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): entries never opened (FIFO, loop)
 
 
 def scan_folders(src: Path) -> FolderScan:
@@ -43,25 +47,49 @@ def scan_folders(src: Path) -> FolderScan:
     if not tops:
         raise PackError(f"{src}: not a FER2013 image-folder layout: expected {src}/train/<class>/ "
                         f"and/or {src}/test/<class>/ (or pass the CSV file)")
-    paths, labels, splits = [], [], []
+    paths, labels, splits, bad = [], [], [], []
     for top in tops:
         for class_dir in sorted(os.scandir(src / top), key=lambda e: e.name):
             if class_dir.name.startswith("."):
                 continue
-            if not class_dir.is_dir():
-                raise PackError(f"{class_dir.path}: unexpected file; {top}/ must hold one folder per class")
+            kind = _kind(class_dir)
+            if kind != "dir":
+                raise PackError(f"{class_dir.path}: {'unexpected file' if kind == 'file' else kind}; "
+                                f"{top}/ must hold one folder per class")
             label = folder_class_index(class_dir.name)
             if label is None:
                 raise PackError(f"{class_dir.path}: unknown class folder {class_dir.name!r}; "
                                 f"valid names (any case): {', '.join(FER2013_CLASSES)}")
-            names = sorted(e.name for e in os.scandir(class_dir.path)
-                           if not e.name.startswith(".") and not e.is_dir())
+            names = []
+            for entry in sorted(os.scandir(class_dir.path), key=lambda e: e.name):
+                kind = _kind(entry)
+                if entry.name.startswith(".") or kind == "dir":
+                    continue
+                if kind == "file":
+                    names.append(entry.name)
+                else:  # never opened: reading a FIFO would wait forever
+                    bad.append((f"{top}/{class_dir.name}/{entry.name}", kind))
             paths += [f"{top}/{class_dir.name}/{name}" for name in names]
             labels += [label] * len(names)
             splits += [_split_of(top, name) for name in names]
-    if not paths:
+    if not paths and not bad:
         raise PackError(f"{src}: no images found under {' or '.join(t + '/' for t in tops)}")
-    return FolderScan(paths, np.array(labels, np.uint8), np.array(splits, np.uint8))
+    return FolderScan(paths, np.array(labels, np.uint8), np.array(splits, np.uint8), bad)
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """'dir', 'file' (a regular file, or a link to one), or why the entry cannot be an image."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        mode = entry.stat().st_mode
+    except OSError as exc:  # a symlink loop or a dangling link
+        return f"cannot read ({exc.strerror})"
+    what = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"{what}, not an image file"
 
 
 def _fingerprint_lines(paths: list[str], sizes: np.ndarray, mtimes_ns: np.ndarray) -> bytes:
@@ -116,15 +144,38 @@ def _decode_with_pil(path: str, resize: bool) -> tuple[np.ndarray | None, str | 
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L") if img.mode != "L" else img  # colour -> gray
+            # The size is in the header: check it before decoding anything (decompression bombs).
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                return None, f"image is {width}x{height}, larger than {MAX_PIXELS:,} pixels (not a face crop)"
+            if img.size != (SIDE, SIDE) and not resize:
+                return None, f"image is {width}x{height}, expected {SIDE}x{SIDE} (pass --resize to resize it)"
+            img = _gray8(img)
+            if img is None:
+                return None, "32-bit integer or float image; save it as 8-bit gray or colour"
             if img.size != (SIDE, SIDE):
-                if not resize:
-                    return None, (f"image is {img.size[0]}x{img.size[1]}, expected {SIDE}x{SIDE} "
-                                  f"(pass --resize to resize it)")
                 img = img.resize((SIDE, SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
             return np.asarray(img), None
+    except Image.DecompressionBombError as exc:
+        return None, f"image too large ({str(exc).splitlines()[0][:80]})"
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         return None, f"unreadable or corrupt image ({str(exc).splitlines()[0][:80]})"
+
+
+def _gray8(img):
+    """8-bit gray, or None for modes with no agreed 8-bit scale (32-bit int, float).
+
+    16-bit gray is scaled (65535 -> 255): Pillow's convert("L") clips it, which turns
+    a 16-bit PNG almost all white. Other modes (colour, palette, 1-bit) convert as usual.
+    """
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        return None
+    return img.convert("L") if img.mode != "L" else img  # colour -> gray
 
 
 def _decode_chunk(task: tuple[str, int, list[str], bool]):
@@ -143,9 +194,14 @@ def _decode_chunk(task: tuple[str, int, list[str], bool]):
     for i, rel in enumerate(rels):
         path = f"{root}/{rel}"
         try:
-            data, stat = jpeg_fast.read_file(path)
-            sizes.append(stat.st_size)
-            mtimes.append(stat.st_mtime_ns)
+            data, st = jpeg_fast.read_file(path)
+            sizes.append(st.st_size)
+            mtimes.append(st.st_mtime_ns)
+        except jpeg_fast.NotRegularFile:  # replaced by a FIFO since the scan: never hand it to Image.open
+            sizes.append(-1)
+            mtimes.append(-1)
+            bad.append((i, "not a regular file, not an image file"))
+            continue
         except OSError:
             data = None  # unreadable: Image.open below reports it the usual way
             sizes.append(-1)

@@ -4,6 +4,10 @@ The output appears atomically: everything is built in a hidden temporary directo
 beside DIR and renamed into place only when complete. An interrupted pack removes
 its temporary directory; one killed outright (SIGKILL) leaves it, and the next pack
 into the same DIR removes it. Rerunning on an unchanged source does nothing.
+
+Pack deletes only what it can prove it wrote: a previous pack's manifest.json and the
+shard files that manifest lists, and its own partial directories. An --out holding
+anything else, or one that contains the source or lies inside it, is refused.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,7 +30,7 @@ import numpy as np
 from pipeline import csv_source, folders, forkpool
 from pipeline.classes import FER2013_CLASSES, FERPLUS_CLASSES, SPLITS
 from pipeline.duplicates import find_duplicates
-from pipeline.errors import PackError
+from pipeline.errors import BadItem, PackError, clip, mount_point, no_space
 from pipeline.ferplus import DROP, read_ferplus
 from pipeline.shards import FORMAT_VERSION, MANIFEST, sha256_file, split_entry, write_shard
 
@@ -80,29 +85,36 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
         raise PackError(f"--val-fraction {opts.val_fraction}: must be between 0 and 1")
     if opts.shard_size < 1:
         raise PackError(f"--shard-size {opts.shard_size}: must be at least 1")
+    if opts.seed < 0:
+        raise PackError(f"--seed {opts.seed}: must be zero or more")
+    _check_out(src, out)
+    owned = _owned_files(out) if out.exists() else set()  # refuses an --out holding foreign files
     scan = folders.scan_folders(src) if fmt == "folders" else None
+    if scan is not None and scan.bad and not opts.skip_bad:
+        raise BadItem(str(src / scan.bad[0][0]), scan.bad[0][1])
     ferplus_sha = _sha256_or_fail(Path(opts.ferplus)) if opts.ferplus else None
 
     existing = out / MANIFEST
     source_id = None  # identity of the source contents; from the decode itself unless needed now
     if out.exists():
-        if not existing.is_file():
-            if any(out.iterdir()):
-                raise PackError(f"{out}: exists and is not a FaceSense shard directory; choose another --out")
-        elif not force:
+        if owned and not force:
             source_id = (folders.stat_fingerprint(src, scan.paths) if scan is not None
                          else _sha256_or_fail(src))
             fingerprint = _fingerprint(fmt, source_id, ferplus_sha, opts)
             if _read_fingerprint(existing) == fingerprint:
                 return json.loads(existing.read_text()), False
     new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PackError(f"--out {out}: cannot create {exc.filename or out.parent} ({exc.strerror})") from exc
     _remove_stale_partials(out)
 
     partial_prefix = f".{out.name}.partial-{os.getpid()}-"
     with _interrupts_raise() as check_interrupted:
         try:
             tmp = Path(tempfile.mkdtemp(prefix=partial_prefix, dir=out.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; DIR gets the usual permissions
             workers = workers or os.cpu_count() or 1
             loaded = (_load_folders(src, scan, opts, workers, show_progress) if fmt == "folders"
                       else _load_csv(src, opts))
@@ -111,8 +123,8 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
             fingerprint = _fingerprint(fmt, source_id, ferplus_sha, opts)
             manifest = _write(tmp, loaded, opts, fmt, src, fingerprint, workers)
             check_interrupted()  # an interrupt Python swallowed must not publish the output
-            _replace_dir(tmp, out)
-        except BaseException:
+            _replace_dir(tmp, out, owned)
+        except BaseException as exc:
             # By prefix, not by `tmp`: an interrupt can land inside mkdtemp, after the mkdir.
             for partial in out.parent.glob(f"{glob.escape(partial_prefix)}*"):
                 shutil.rmtree(partial, ignore_errors=True)
@@ -121,8 +133,58 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
                     parent.rmdir()
                 except OSError:
                     break
+            if isinstance(exc, (OSError, RuntimeError)) and no_space(exc):  # HDF5 says it in a traceback
+                raise PackError(f"no space left on device {mount_point(out.parent)} (writing {out}); "
+                                f"nothing was written, {out} is as it was") from exc
+            if isinstance(exc, PermissionError):
+                raise PackError(f"{exc.filename or out.parent}: permission denied; choose another --out") from exc
             raise
     return manifest, True
+
+
+# A shard file name as write_shard makes it; nothing else in a manifest is trusted as ours.
+_SHARD_NAME = re.compile(r"(train|val|test)-[0-9]+\.h5")
+
+
+def _check_out(src: Path, out: Path) -> None:
+    """Refuse an --out that is a file, or that would hold or sit inside the source."""
+    if out == src or out in src.parents:
+        raise PackError(f"--out {out} contains the source {src}; choose an --out outside the source")
+    if src.is_dir() and src in out.parents:
+        raise PackError(f"--out {out} is inside the source {src}; choose an --out outside the source")
+    if out.exists() and not out.is_dir():
+        raise PackError(f"--out {out}: is a file, not a directory; choose another --out")
+
+
+def _owned_files(out: Path) -> set[str]:
+    """Names in an existing --out that an earlier pack wrote: its manifest.json and the shards it lists.
+
+    Raises PackError when --out holds anything else (or is not a pack at all): those files
+    are not ours to replace, with or without --force.
+    """
+    names = set(os.listdir(out))
+    if not names:
+        return set()
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        owned = {MANIFEST} | {shard["file"] for entry in manifest["splits"].values() for shard in entry["shards"]
+                              if _SHARD_NAME.fullmatch(str(shard["file"]))}
+        if not isinstance(manifest["format_version"], int) or not isinstance(manifest["classes"], list):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise PackError(f"{out}: exists and is not a FaceSense shard directory (no FaceSense manifest.json); "
+                        f"choose another --out") from None
+    foreign = sorted(names - owned)
+    if foreign:
+        raise PackError(f"{out}: holds files pack did not write ({clip(', '.join(foreign))}); pack never "
+                        f"deletes them, --force neither: move them away or choose another --out")
+    return owned
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back (no threads run here yet)
+    os.umask(mask)
+    return mask
 
 
 def _sha256_or_fail(path: Path) -> str:
@@ -151,6 +213,7 @@ def _load_folders(src: Path, scan, opts: PackOptions, workers: int, show_progres
     images, keep, skipped, source_id = folders.decode_images(
         src, scan.paths, workers=workers, resize=opts.resize, skip_bad=opts.skip_bad,
         show_progress=show_progress)
+    skipped = [{"source": rel, "error": reason} for rel, reason in scan.bad] + skipped
     splits = scan.splits.copy()
     unprefixed = splits == 255
     notes = {"val_from_train": False}
@@ -242,13 +305,22 @@ def _write(tmp: Path, data: Loaded, opts: PackOptions, fmt: str, src: Path, fing
     return manifest
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished tmp into place; an old DIR is swapped out, then deleted."""
+def _replace_dir(tmp: Path, out: Path, owned: set[str]) -> None:
+    """Move the finished tmp into place; an old DIR is swapped out, then the files we wrote are deleted.
+
+    Only the `owned` names go (checked before the pack): a file that appeared in DIR
+    since then is kept in the swapped-out directory, never deleted.
+    """
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        for name in owned:
+            (old / name).unlink(missing_ok=True)
+        try:
+            old.rmdir()
+        except OSError:
+            print(f"note: files appeared in {out} during the pack; they were moved to {old}", file=sys.stderr)
     else:
         tmp.rename(out)
 
