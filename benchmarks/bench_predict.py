@@ -15,7 +15,7 @@ bench predict
 
 bench margin: every val face upscaled 3x (48 -> 144 px) onto a mid-grey 320x320 canvas,
 found by the Haar detector (`faces.HaarDetector`), cropped with each margin in --margins,
-classified; accuracy on the faces found, next to the accuracy of the same faces as
+classified (a negative margin crops inside the box); accuracy on the faces found, next to the accuracy of the same faces as
 packed (the ceiling). The margin whose crops score best is the framing closest to
 FER2013's.
 """
@@ -152,7 +152,7 @@ def margin_sweep(model: Path, data: Path, margins: list[float], limit: int, json
     clf = load_classifier(model, "cpu")
     detector = HaarDetector(48)
     crops = {m: [] for m in margins}
-    found = []
+    found, sides, offsets = [], [], []
     for i, face in enumerate(faces):
         canvas = np.full((320, 320), 128, np.uint8)
         canvas[88:232, 88:232] = cv2.resize(face, (144, 144), interpolation=cv2.INTER_CUBIC)
@@ -160,6 +160,10 @@ def margin_sweep(model: Path, data: Path, margins: list[float], limit: int, json
         if not boxes:
             continue
         found.append(i)
+        x1, y1, x2, y2 = boxes[0]
+        sides.append((x2 - x1) / 144)  # box side / the face picture's side
+        offsets.append(((x1 + x2) / 2 - 160) / 144 * 48)  # box centre - picture centre, in 48-px face pixels
+        offsets.append(((y1 + y2) / 2 - 160) / 144 * 48)
         for m in margins:
             crops[m].append(resize_face(square_crop(canvas, boxes[0], m)))
     found = np.array(found)
@@ -178,9 +182,13 @@ def margin_sweep(model: Path, data: Path, margins: list[float], limit: int, json
     best = max(rows, key=lambda r: r["accuracy"])
     payload = {"benchmark": "margin", "faces": int(len(faces)), "found": int(len(found)),
                "detection_rate": len(found) / len(faces), "packed_accuracy_of_found": ceiling,
+               "box_side_over_face_side": {"mean": float(np.mean(sides)), "median": float(np.median(sides))},
+               "box_centre_offset_px48": {"x_mean": float(np.mean(offsets[0::2])),
+                                          "y_mean": float(np.mean(offsets[1::2]))},
                "results": rows, "best_margin": best["margin"],
                "config": {"model": str(model), "data": str(data), "canvas": 320, "face_side": 144,
                           "detector": "haar", "min_face": 48}}
-    console.print(f"found {len(found)} of {len(faces)} faces; best margin {best['margin']}")
+    console.print(f"found {len(found)} of {len(faces)} faces; box side / face side: median {np.median(sides):.3f}; "
+                  f"best margin {best['margin']}")
     write_result(json_path, payload)
     return payload

@@ -121,14 +121,13 @@ def load_classifier(path: Path | str, device: str = "auto") -> Classifier:
         raise FaceSenseError(f"--model {path}: no such file")
     if path.suffix.lower() == ".onnx":
         return OnnxClassifier(path, device)
+    if _is_torchscript(path):
+        raise FaceSenseError(f"--model {path}: a TorchScript export; predict takes the checkpoint it came from "
+                             f"(.pt) or an .onnx export")
     try:
         return TorchClassifier(path, device)
     except FaceSenseError as exc:
-        hint = ""
-        if _is_torchscript(path):
-            hint = " (it is a TorchScript export: predict takes the checkpoint it came from, or an .onnx export)"
-        raise FaceSenseError(f"--model {exc}{hint}; expected a FaceSense checkpoint (.pt) or an exported "
-                             f".onnx") from exc
+        raise FaceSenseError(f"--model {exc}; expected a FaceSense checkpoint (.pt) or an exported .onnx") from exc
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -289,7 +289,8 @@ def bench_predict(
 def bench_margin(
     model: Path = typer.Option(Path("model/best.pt"), "--model", help="Checkpoint to score crops with."),
     data: Path = typer.Option(Path("data/shards"), "--data", help="Shards whose val faces are used."),
-    margins: str = typer.Option("0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5", "--margins", help="Margins to try."),
+    margins: str = typer.Option("-0.15,-0.1,-0.05,0,0.05,0.1,0.2,0.3", "--margins", help="Margins to try "
+                                 "(fraction of the box side per side; negative crops inside the box)."),
     limit: int = typer.Option(4000, "--limit", help="Val faces to use at most."),
     json_path: Path = typer.Option(Path("benchmarks/results/margin-cpu.json"), "--json", help="Where to write results."),
 ):

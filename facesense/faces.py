@@ -17,12 +17,17 @@ the same faces are found at about half the cost of detecting at full size with
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from facesense.errors import FaceSenseError
+
+# FFmpeg's own log lines ("moov atom not found") would precede our one-line error for a broken
+# video; silence them (read when cv2 loads, so before any import of it).
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 FACE_SIZE = 48  # side of a FER2013 face, and of every crop handed to model_input
 # Margin added on each side of the detector's square box, as a fraction of its side.

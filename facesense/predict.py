@@ -250,8 +250,9 @@ def predict(srcs: list[str], model: Path, out: Path, opts: Options, progress: bo
     for name in ("vid_stride", "batch_size"):
         if getattr(opts, name) < 1:
             raise FaceSenseError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be at least 1")
-    if not 0 <= opts.margin <= 2:
-        raise FaceSenseError(f"--margin {opts.margin}: expected 0 to 2 (fraction of the face box per side)")
+    if not -0.4 <= opts.margin <= 2:
+        raise FaceSenseError(f"--margin {opts.margin}: expected -0.4 to 2 (fraction of the face box side added "
+                             f"on each side; negative crops inside the box)")
     detector = HaarDetector(opts.min_face) if opts.detector == "haar" else None
     classifier = load_classifier(model, opts.device)  # a wrong --model fails here, before any work
     sources, errors, ignored = expand_sources(srcs)
