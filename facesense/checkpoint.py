@@ -20,26 +20,39 @@ tensors per weight), small enough to ship in the repo.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import torch
 
 from facesense.errors import FaceSenseError
+from pipeline.errors import mount_point, no_space
 
 FORMAT, VERSION = "facesense-checkpoint", 1
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: never half a file."""
+    """Write to a temporary file beside `path`, fsync, then rename over it: never half a file.
+
+    Serialised in memory first: torch's zip writer turns a full disk into a RuntimeError
+    without its errno, a plain write() keeps it. On failure the previous `path` is untouched.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, buffer)
     try:
         with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, fh)
+            fh.write(buffer.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        why = (f"no space left on device {mount_point(path.parent)}" if no_space(exc)
+               else f"cannot write it ({exc.strerror})")
+        raise FaceSenseError(f"{path}: {why}; {kept}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

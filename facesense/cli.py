@@ -105,6 +105,7 @@ def train_command(ctx: typer.Context, config: Optional[Path], **options):
     # click, so compare ParameterSource by name).
     given = {name: value for name, value in options.items()
              if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    cfg = None
     try:
         cfg = resolve_config(config, given)
         from facesense.train import train
@@ -113,7 +114,9 @@ def train_command(ctx: typer.Context, config: Optional[Path], **options):
     except (FaceSenseError, ShardError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
-        fail("interrupted; rerun the same command with --resume to continue from last.pt", 130)
+        if cfg is not None and (Path(cfg.out) / "last.pt").exists():
+            fail("interrupted; rerun the same command with --resume to continue from last.pt", 130)
+        fail("interrupted before the first checkpoint; nothing was saved", 130)
 
 
 @app.command("eval")
@@ -121,7 +124,9 @@ def eval_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by facesense train (best.pt or last.pt)."),
     data: Path = typer.Option(Path("data/shards"), "--data", help="Packed shard directory."),
     split: str = typer.Option("test", "--split", help="Split to evaluate: test (PrivateTest) or val (PublicTest)."),
-    out: Path = typer.Option(Path("model"), "--out", help="Where report.json, confusion_matrix_heatmap.png and roc_curves.png go."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where report.json, confusion_matrix_heatmap.png and roc_curves.png go "
+                                       "(default: eval-<checkpoint name>-<split>/ beside the checkpoint)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report.json in --out that describes another checkpoint."),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, or flip (average with the mirror image)."),
     batch_size: int = typer.Option(512, "--batch-size", help="Images per batch."),
     loader: str = typer.Option("auto", "--loader", help="Data loader: auto, resident, dali or dataloader."),
@@ -132,7 +137,7 @@ def eval_command(
     from facesense.evaluate import evaluate_checkpoint
 
     try:
-        evaluate_checkpoint(checkpoint, data, split, out, tta, batch_size, loader, workers, device)
+        evaluate_checkpoint(checkpoint, data, split, out, tta, batch_size, loader, workers, device, overwrite=overwrite)
     except (FaceSenseError, ShardError) as exc:
         fail(str(exc))
 

@@ -8,8 +8,8 @@ The resolved config is stored in every checkpoint as a plain dict.
 from __future__ import annotations
 
 import inspect
+import math
 import re
-import tomllib
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,6 +17,11 @@ from pathlib import Path
 import yaml
 
 from facesense.errors import FaceSenseError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (see pyproject.toml)
+    import tomli as tomllib
 
 CHOICES = {
     "loader": ("auto", "resident", "dali", "dataloader"),
@@ -94,7 +99,8 @@ class TrainConfig:
                                      f"{', '.join(map(str, allowed))}")
         positive = ("epochs", "batch_size", "lr", "norm_std", "log_every", "ema_decay")
         non_negative = ("workers", "drop_rate", "drop_path_rate", "min_lr_ratio", "warmup_epochs",
-                        "weight_decay", "momentum", "label_smoothing", "grad_clip", "max_steps", "save_every")
+                        "weight_decay", "momentum", "label_smoothing", "grad_clip", "max_steps", "save_every",
+                        "seed")
         bad = [n for n in positive if not getattr(self, n) > 0] + \
               [n for n in non_negative if not getattr(self, n) >= 0]
         if bad:
@@ -147,6 +153,9 @@ def field_help() -> dict[str, str]:
     return found
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(name: str, value, where: str):
     """Check one value against the field's type; ints are accepted for floats."""
     want = field_types()[name]
@@ -155,6 +164,10 @@ def _coerce(name: str, value, where: str):
         return None
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if want is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads `lr: 1e-3` as a string: no dot, no exponent sign
+    if want is float and isinstance(value, float) and not math.isfinite(value):
+        raise FaceSenseError(f"{where}: {name} = {value!r} should be a finite number")
     if want is str and isinstance(value, Path):
         return str(value)
     if type(value) is not want:

@@ -50,6 +50,10 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -
     from sklearn.metrics import classification_report, confusion_matrix, f1_score, roc_auc_score
 
     k = len(classes)
+    broken = int((~np.isfinite(probs)).any(1).sum())
+    if broken:  # scikit-learn would fail with a traceback on them
+        raise FaceSenseError(f"the model's outputs are NaN or infinite for {broken} of {len(probs)} images: "
+                             f"its weights are unusable (a diverged run); evaluate an earlier checkpoint")
     preds = probs.argmax(1)
     aucs = {}
     for c, name in enumerate(classes):
@@ -90,11 +94,32 @@ def print_table(metrics: dict, title: str) -> None:
                   f"weighted F1 {metrics['f1_weighted']:.4f}   ({metrics['count']} images)")
 
 
-def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: Path = Path("model"),
+def default_out(checkpoint: Path, split: str) -> Path:
+    """eval-<name>-<split>/ beside the checkpoint: never the run's own directory, where another report may live."""
+    return Path(checkpoint).parent / f"eval-{Path(checkpoint).stem}-{split}"
+
+
+def check_out(out: Path, checkpoint: Path, checkpoint_sha: str, overwrite: bool) -> None:
+    """Refuse, before evaluating, an --out that is a file or holds the report of another checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise FaceSenseError(f"--out {out}: is a file, not a directory; choose another --out")
+    try:
+        previous = json.loads((out / "report.json").read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no report there (or not one of ours: it is replaced like any output file)
+    same = (previous.get("sha256") == checkpoint_sha
+            or previous.get("path") == str(Path(checkpoint).resolve()))  # the same run's retrained best.pt
+    if not same and not overwrite:
+        raise FaceSenseError(f"{out / 'report.json'} is the report of another checkpoint ({previous.get('path')}); "
+                             f"choose another --out, or pass --overwrite to replace it")
+
+
+def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: Path | None = None,
                         tta: str = "none", batch_size: int = 512, loader: str = "auto", workers: int = 2,
-                        device: str = "auto") -> dict:
+                        device: str = "auto", overwrite: bool = False) -> dict:
     """Evaluate a checkpoint on one split; write report.json and the figures into `out`."""
     from facesense import plots
+    from facesense.datacheck import check_shards
     from facesense.checkpoint import eval_weights, load_checkpoint
     from facesense.config import config_from_dict
     from facesense.data import data_identity, open_split, read_manifest
@@ -109,6 +134,9 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: 
     if batch_size < 1:
         raise FaceSenseError(f"--batch-size {batch_size}: must be at least 1")
     ckpt = load_checkpoint(checkpoint)
+    checkpoint_sha = sha256_file(Path(checkpoint))
+    out = Path(out) if out is not None else default_out(checkpoint, split)
+    check_out(out, checkpoint, checkpoint_sha, overwrite)
     cfg = config_from_dict(ckpt["config"], str(checkpoint))
     cfg.loader, cfg.workers = loader, workers
     manifest = read_manifest(data)
@@ -117,6 +145,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: 
         raise FaceSenseError(f"{checkpoint} was trained on classes {ckpt['classes']}, {data} has {classes}")
     if manifest["splits"][split]["count"] == 0:
         raise FaceSenseError(f"{data}: the {split} split is empty; nothing to evaluate")
+    check_shards(data, manifest, split)  # the report names these shards: they must be the ones packed
 
     rt = setup(device, deterministic=False)
     weights, which = eval_weights(ckpt)
@@ -129,7 +158,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: 
 
     out.mkdir(parents=True, exist_ok=True)
     report = {**metrics, "split": split, "tta": tta,
-              "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": sha256_file(Path(checkpoint)),
+              "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": checkpoint_sha,
                              "model": cfg.model, "weights": which, "epoch": ckpt["epoch"], "step": ckpt["step"],
                              "best_val_accuracy": ckpt.get("best_accuracy")},
               "data": data_identity(data, manifest, split),

@@ -29,14 +29,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from facesense import runtime
+from facesense import datacheck, memory, runtime
 from facesense.checkpoint import load_checkpoint, save_checkpoint, selection_snapshot
 from facesense.config import TrainConfig, resume_differences
 from facesense.data import data_identity, open_split, read_manifest
@@ -45,6 +47,8 @@ from facesense.evaluate import compute_metrics, predict
 from facesense.model import check_input_size, create_model
 from facesense.optim import class_weights, make_ema, make_optimizer, warmup_cosine
 from facesense.progress import ProgressBar
+from facesense.rundir import RunLock, existing_run
+from pipeline.errors import mount_point, no_space
 
 OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "training_curves.png")
 
@@ -63,9 +67,13 @@ class NonFiniteLoss(FaceSenseError):
 
 def train(cfg: TrainConfig) -> TrainResult:
     rt = runtime.setup(cfg.device, cfg.deterministic)
+    lock = RunLock(cfg.out)  # rank 0 writes --out, so rank 0 holds it
     try:
+        # Before anything looks at --out: a second train into it fails here, at once.
+        runtime.on_all_ranks(rt, lambda: lock.acquire() if rt.is_main else None)
         return _train(cfg, rt)
     finally:
+        lock.release()  # and removes --out again if this run created it and wrote nothing
         runtime.teardown(rt)
 
 
@@ -81,8 +89,9 @@ def _start(cfg: TrainConfig, out: Path, manifest: dict, data_id: dict) -> dict |
     """The checkpoint to resume from (after checking it fits this run), or None for a new run."""
     last = out / "last.pt"
     if not cfg.resume:
-        if last.exists() and not cfg.overwrite:
-            raise FaceSenseError(f"{out} already holds a run ({last}); pass --resume to continue it, "
+        found = existing_run(out)  # best.pt alone is a run too: a shipped model has no last.pt
+        if found and not cfg.overwrite:
+            raise FaceSenseError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                                  f"--overwrite to replace it, or another --out")
         return None
     if not last.is_file():
@@ -105,6 +114,13 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
     out = Path(cfg.out)
     manifest = runtime.on_all_ranks(rt, lambda: _read_manifest(cfg.data))
     classes = list(manifest["classes"])
+    warnings = runtime.on_all_ranks(rt, lambda: datacheck.class_warnings(cfg.data, manifest))
+    if rt.is_main:
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    # The shards must be the ones the manifest lists: then data_id below records the data trained on.
+    runtime.on_all_ranks(rt, lambda: (datacheck.check_shards(cfg.data, manifest, "train", rt.rank, rt.world_size),
+                                      datacheck.check_shards(cfg.data, manifest, "val")))
     data_id = {s: data_identity(cfg.data, manifest, s) for s in ("train", "val")}
     ckpt = runtime.on_all_ranks(rt, lambda: _start(cfg, out, manifest, data_id))
     if rt.is_main:
@@ -123,6 +139,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
                            zero_init=cfg.zero_init)
         net.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         check_input_size(net, cfg.channels, cfg.img_size, cfg.model)
+        memory.check_fits(net, cfg.channels, cfg.img_size, cfg.batch_size, cfg.amp, cfg.model, rt.device)
         return net
 
     model = runtime.on_all_ranks(rt, build_model)
@@ -191,10 +208,22 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
         if is_best:
             save_checkpoint(out / "best.pt", selection_snapshot(payload))
 
+    def stopped(what: str) -> NonFiniteLoss:
+        kept = (f"{out / 'last.pt'} holds the last good state" if (out / "last.pt").exists()
+                else "no checkpoint was written yet")
+        return NonFiniteLoss(f"{what}; the run stopped. {kept}. Try a lower --lr, --grad-clip 1.0 "
+                             f"or --amp-dtype bfloat16")
+
     def check_finite(value: float, where: str) -> None:
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"the loss became {value} ({where}); the run stopped. {out / 'last.pt'} holds "
-                                f"the last good state. Try a lower --lr, --grad-clip 1.0 or --amp-dtype bfloat16")
+            raise stopped(f"the loss became {value} ({where})")
+
+    def validate() -> dict:
+        """Val metrics (rank 0); outputs gone to NaN/inf stop the run as a NaN loss does."""
+        probs, labels = predict(ema.module if ema else model, val_loader, autocast)
+        if not np.isfinite(probs).all():
+            raise stopped(f"the model's outputs on val became non-finite (epoch {epoch + 1})")
+        return compute_metrics(probs, labels, classes)
 
     stop = cfg.max_steps and step >= cfg.max_steps
     with ProgressBar(rt.is_main, cfg.epochs) as bar:
@@ -265,8 +294,8 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
             row = {"epoch": epoch + 1, "step": step, "steps_in_epoch": done, "train_loss": train_loss,
                    "train_accuracy": train_acc}
             is_best = False
+            metrics = runtime.on_all_ranks(rt, lambda: validate() if rt.is_main else None)  # a stop stops all
             if rt.is_main:
-                metrics = compute_metrics(*predict(ema.module if ema else model, val_loader, autocast), classes)
                 row |= {f"val_{k}": metrics[k] for k in ("accuracy", "auc_macro_ovr", "f1_weighted")}
                 row |= {"lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": n_epoch * cfg.batch_size * rt.world_size / elapsed,
@@ -296,6 +325,12 @@ def _write_logs(out: Path, history: list[dict]) -> None:
     from facesense.plots import training_curves
 
     tmp = out / f".metrics.jsonl.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, out / "metrics.jsonl")
-    training_curves(history, out / "training_curves.png")
+    try:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        os.replace(tmp, out / "metrics.jsonl")
+        training_curves(history, out / "training_curves.png")
+    except OSError as exc:  # last.pt is already written: --resume continues from it
+        tmp.unlink(missing_ok=True)
+        why = (f"no space left on device {mount_point(out)}" if no_space(exc)
+               else f"cannot write {exc.filename or out} ({exc.strerror})")
+        raise FaceSenseError(f"{why}; {out / 'last.pt'} is saved: free space and rerun with --resume") from exc
