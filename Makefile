@@ -5,7 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/fer2013
 SHARDS ?= data/shards
-OUT    ?= model
+# Not model/: train refuses to replace the shipped model there (OUT=DIR for another run).
+OUT    ?= runs/train
 STAMP  := $(VENV)/.installed
 
 .PHONY: install test pack train bench clean
