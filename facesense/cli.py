@@ -152,7 +152,7 @@ def predict_command(
                                  "wheel); none: every picture is already a face crop."),
     min_face: int = typer.Option(48, "--min-face", help="Smallest face side, in source pixels, to look for."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Crop margin around a detected box, fraction of its side "
-                                 "per side (default: the measured 0.2; see README)."),
+                                 "per side (default 0: measured best, see README)."),
     save_annotated: bool = typer.Option(False, "--save-annotated", help="Also write images with boxes and "
                                         "'label 87%' drawn, and annotated MP4s, under OUT/annotated/."),
     vid_stride: int = typer.Option(1, "--vid-stride", help="Classify every Nth video frame."),
