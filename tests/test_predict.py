@@ -155,3 +155,18 @@ def test_detector_none_matches_eval_on_fer_val(tmp_path):
     assert all(r["box"] == [0, 0, 48, 48] for r in recs)
     got = np.array([[r["probs"][c] for c in FER2013_CLASSES] for r in recs])
     np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_bench_predict_json(tmp_path, ckpt):
+    out = tmp_path / "predict.json"
+    result = CliRunner().invoke(app, ["bench", "predict", "--model", str(ckpt), "--data", str(tmp_path / "none"),
+                                      "--batch-size", "8", "--photos", "2", "--video-frames", "4", "--repeats", "1",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    modes = [(r["mode"], r["backend"]) for r in payload["results"]]
+    assert modes == [(m, b) for m in ("classify", "photos", "video") for b in ("pytorch", "onnxruntime")]
+    rates = [r.get("faces_per_s") or r.get("photos_per_s") or r.get("frames_per_s") for r in payload["results"]]
+    assert all(rate > 0 for rate in rates)
+    assert payload["results"][2]["faces_found_per_photo"] > 0  # the portrait's face is found
+    assert {"machine", "versions", "git_commit", "config"} <= set(payload)
