@@ -44,7 +44,10 @@ class RunLock:
             raise FaceSenseError(f"--out {out}: cannot create it ({exc.strerror})") from exc
         path = out / LOCK
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise FaceSenseError(f"--out {out}: cannot write there ({exc.strerror}); choose another --out") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
