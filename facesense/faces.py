@@ -34,7 +34,7 @@ FACE_SIZE = 48  # side of a FER2013 face, and of every crop handed to model_inpu
 # (`facesense bench margin`, benchmarks/results/margin-cpu.json): all 3,589 val faces upscaled 3x
 # onto a grey canvas; the cascade finds 2,277; its box is 0.94 of a FER picture's side (median),
 # centred within a pixel, so the box itself already frames a face as FER2013 does. Accuracy of
-# those faces: 61.3% cropped at margin 0 (60.5% at 0.05, 57.5% at 0.1 and -0.1, 48.8% at 0.2)
+# those faces: 61.3% cropped at margin 0 (60.5% at 0.05, 57.5% at 0.1, 57.9% at -0.1, 48.8% at 0.2)
 # vs 63.1% for the same faces as packed.
 DEFAULT_MARGIN = 0.0
 CASCADE_WINDOW = 24  # the frontal-face cascade's own window side in pixels
