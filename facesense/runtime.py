@@ -61,6 +61,7 @@ def teardown(rt: Runtime) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed torch, and Python's and numpy's global generators for any library that draws from them."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds CPU and every CUDA device
@@ -108,30 +109,22 @@ def reduce_sum(rt: Runtime, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-# RNG states as tensors and plain lists, so checkpoints load with weights_only=True.
+# Checkpoints keep torch's generators only: every random draw in training (weights,
+# dropout, the loaders' augmentation parameters) comes from torch or from a
+# SeedSequence derived from (seed, epoch, rank); nothing draws from numpy's or
+# Python's global generators, and the resume test would show it if something did.
 
 def rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        # The current device's only: each rank owns one GPU (get_rng_state_all would touch them all).
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
+    """torch's CPU state and the current CUDA device's (each rank owns one GPU; get_rng_state_all
+    would touch them all), as tensors, so checkpoints load with weights_only=True."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 def gather_rank_states(rt: Runtime, state: dict) -> list[dict]:
