@@ -1,7 +1,6 @@
 """The bridge to `pipeline.loaders`: TrainConfig -> LoaderConfig, clear errors, data identity."""
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -19,14 +18,13 @@ def open_split(data: str | Path, split: str, cfg: TrainConfig, device: torch.dev
     from kernels.spec import AugConfig
     from pipeline.loaders import LoaderConfig, make_loader
 
-    options = dict(kind=cfg.loader, batch_size=batch_size, img_size=cfg.img_size, channels=cfg.channels,
-                   dtype=dtype, mean=(cfg.norm_mean,), std=(cfg.norm_std,),
-                   aug=cfg.aug() if train else AugConfig.none(), train=train, drop_last=train,
-                   seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.workers)
-    if "compile_cpu" in {f.name for f in fields(LoaderConfig)}:
-        options["compile_cpu"] = compile_cpu
+    loader_cfg = LoaderConfig(kind=cfg.loader, batch_size=batch_size, img_size=cfg.img_size,
+                              channels=cfg.channels, dtype=dtype, mean=(cfg.norm_mean,), std=(cfg.norm_std,),
+                              aug=cfg.aug() if train else AugConfig.none(), train=train, drop_last=train,
+                              seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.workers,
+                              compile_cpu=compile_cpu)
     try:
-        return make_loader(data, split, LoaderConfig(**options), device)
+        return make_loader(data, split, loader_cfg, device)
     except ValueError as exc:  # the loader's own checks (empty split, batch larger than the split, ...)
         raise FaceSenseError(f"{data} ({split}): {exc}") from exc
 

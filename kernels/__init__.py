@@ -1,6 +1,3 @@
-"""Augmentation engines: the pure-torch reference (the spec) and the fused Triton kernel."""
-from kernels.reference import augment_reference
-from kernels.spec import AugConfig, AugParams, OutputSpec, erase_box, identity_params, sample_params
-
-__all__ = ["AugConfig", "AugParams", "OutputSpec", "augment_reference", "erase_box",
-           "identity_params", "sample_params"]
+"""Augmentation engines: the spec (`spec.py`), the pure-torch reference that defines the result
+(`reference.py`), the compiled CPU engine (`cpu_fused.py`) and the fused Triton kernel
+(`triton_augment.py`). Import the module you need; this package imports nothing."""
