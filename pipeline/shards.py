@@ -55,15 +55,6 @@ def split_entry(labels: np.ndarray, classes: tuple[str, ...], shards: list[dict]
             "shards": shards}
 
 
-def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, ids: list[str],
-                classes: tuple[str, ...], shard_size: int) -> dict:
-    """Write one split's shards (at most shard_size images each) into out_dir; return its manifest entry."""
-    shards = [write_shard(out_dir, split, k, images[start:start + shard_size],
-                          labels[start:start + shard_size], ids[start:start + shard_size], classes)
-              for k, start in enumerate(range(0, len(images), shard_size))]
-    return split_entry(labels, classes, shards)
-
-
 def load_manifest(data_dir: Path | str) -> dict:
     """Read and check manifest.json; refuse unknown format versions."""
     path = Path(data_dir) / MANIFEST

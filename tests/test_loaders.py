@@ -1,8 +1,6 @@
 """Loaders: epoch plan, DDP sharding, eval mode, and the kinds agreeing with each other."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -10,14 +8,13 @@ import torch
 from kernels.reference import augment_reference
 from kernels.spec import AugConfig, identity_params
 from pipeline.loaders import LoaderConfig, make_loader, resolve_kind
-from pipeline.shards import FORMAT_VERSION, MANIFEST, write_split
+from train_helpers import write_shards
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 
 
 def make_shards(root, n_train=50, n_val=23, shard_size=16):
     """Tiny shards whose image i carries its own id in pixels [0, 0] and [0, 1]."""
-    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     splits = {}
     offset = 0
@@ -26,11 +23,9 @@ def make_shards(root, n_train=50, n_val=23, shard_size=16):
         ids = np.arange(offset, offset + n)
         images[:, 0, 0], images[:, 0, 1] = ids // 256, ids % 256
         labels = (ids % len(CLASSES)).astype(np.uint8)
-        splits[split] = write_split(root, split, images, labels, [str(i) for i in ids], CLASSES, shard_size)
+        splits[split] = images, labels, [str(i) for i in ids]
         offset += n
-    (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "classes": list(CLASSES),
-                                             "splits": splits}))
-    return root
+    return write_shards(root, splits, CLASSES, shard_size)
 
 
 def decode_ids(images: torch.Tensor, cfg: LoaderConfig) -> list[int]:

@@ -1,4 +1,4 @@
-"""Helpers for the train/eval tests: tiny made-up shards, and a CLI runner for subprocesses.
+"""Helpers for the tests: tiny made-up shards, and a CLI runner for subprocesses.
 
 Run as a script it is `facesense` itself, with two test hooks set by environment:
   FS_KILL_AFTER_STEPS=N  the process SIGKILLs itself when the training loader is asked
@@ -22,28 +22,39 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline.classes import FER2013_CLASSES  # noqa: E402
-from pipeline.shards import FORMAT_VERSION, MANIFEST, write_split  # noqa: E402
+from pipeline.shards import FORMAT_VERSION, MANIFEST, split_entry, write_shard  # noqa: E402
 
 MODEL = "test_efficientnet"  # a ~100k-parameter timm EfficientNet: the real code path, fast on CPU
 COUNTS = {"train": 96, "val": 28, "test": 21}
 
 
+def write_shards(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], classes,
+                 shard_size: int, **manifest_extra) -> Path:
+    """{split: (images, labels, ids)} -> shards of at most shard_size images + manifest.json, as pack writes them."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for split, (images, labels, ids) in splits.items():
+        shards = [write_shard(out, split, k, images[i:i + shard_size], labels[i:i + shard_size],
+                              ids[i:i + shard_size], tuple(classes))
+                  for k, i in enumerate(range(0, len(images), shard_size))]
+        entries[split] = split_entry(labels, tuple(classes), shards)
+    manifest = {"format_version": FORMAT_VERSION, "classes": list(classes), "splits": entries, **manifest_extra}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
 def make_shards(out: Path, counts: dict[str, int] = COUNTS, classes=FER2013_CLASSES, seed: int = 0,
                 shard_size: int = 40) -> Path:
     """Shards + manifest in the format facesense pack writes: class = grey level + noise (learnable)."""
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     base = np.linspace(20, 230, len(classes))
     splits = {}
     for split, n in counts.items():
         labels = rng.permutation(np.arange(n) % len(classes))
         images = np.clip(base[labels][:, None, None] + rng.integers(-15, 16, (n, 48, 48)), 0, 255).astype(np.uint8)
-        splits[split] = write_split(out, split, images, labels, [f"{split}/{i}.png" for i in range(n)],
-                                    tuple(classes), shard_size)
-    manifest = {"format_version": FORMAT_VERSION, "classes": list(classes), "splits": splits,
-                "source": {"format": "test", "fingerprint": f"made-up-{seed}"}}
-    (out / MANIFEST).write_text(json.dumps(manifest))
-    return out
+        splits[split] = images, labels, [f"{split}/{i}.png" for i in range(n)]
+    return write_shards(out, splits, classes, shard_size,
+                        source={"format": "test", "fingerprint": f"made-up-{seed}"})
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
