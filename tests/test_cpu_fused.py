@@ -71,6 +71,7 @@ def test_buffer_pool_reuses_only_released_buffers():
     from kernels.buffers import BufferPool
 
     pool = BufferPool(max_buffers=2)
+    assert pool.reuse, "torch's storage use count failed the check: every batch is a fresh allocation"
     a = pool.get((4, 5), torch.float32, "cpu")
     a_ptr, view = a.data_ptr(), a[1:]
     del a
@@ -82,3 +83,14 @@ def test_buffer_pool_reuses_only_released_buffers():
     d = pool.get((4, 5), torch.float32, "cpu")  # both pooled buffers busy, pool full
     assert d.data_ptr() not in (b.data_ptr(), c.data_ptr())
     assert pool.get((2, 5), torch.float32, "cpu").shape == (2, 5)
+
+
+def test_buffer_pool_without_use_count_allocates_plainly(monkeypatch):
+    from kernels import buffers
+
+    monkeypatch.setattr(buffers, "_USE_COUNT", None)  # a torch without the private reference count
+    pool = buffers.BufferPool()
+    held = [pool.get((4, 5), torch.float32, "cpu") for _ in range(3)]
+    assert not pool.reuse and len({t.data_ptr() for t in held}) == 3
+    assert all(t.shape == (4, 5) and t.dtype == torch.float32 for t in held)
+    assert not any(pool._buffers.values())  # nothing kept: memory goes back when the caller lets go
