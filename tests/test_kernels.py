@@ -169,9 +169,16 @@ def test_rejects_bad_input():
         augment_triton(images, index[:, None], params, spec)
 
 
-def test_triton_available():
-    assert triton_available(DEVICE)
+def test_triton_available(monkeypatch):
+    import kernels.triton_augment as module
+
+    assert triton_available(DEVICE)  # this module set TRITON_INTERPRET=1 on a CPU-only machine
     assert not triton_available("meta")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert triton_available("cpu") is False  # without the interpreter Triton cannot run on CPU
+    assert triton_available("cuda") is torch.cuda.is_available()
+    monkeypatch.setattr(module, "triton", None)  # triton not installed: nothing can run it
+    assert not triton_available(DEVICE)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
