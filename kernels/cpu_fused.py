@@ -28,7 +28,7 @@ from kernels.spec import AugParams, OutputSpec, erase_box
 
 # Inductor's CPU heuristic materialises a pointwise expression once it exceeds 50 ops;
 # the bilinear gather is ~70, and splitting it wrote two full-size temporaries per batch
-# (2x slower at 224 px). A high threshold keeps stage 1 one loop with no temporaries.
+# (benchmarks/RESULTS.md, Loaders). A high threshold keeps stage 1 one loop with no temporaries.
 _INDUCTOR_OPTIONS = {"realize_cpu_opcount_threshold": 10_000}
 
 

@@ -143,8 +143,8 @@ BLOCK_ROWS = 256  # ~2.5 MB of text per block: temporaries stay in cache and reu
 def parse_pixels(fields) -> tuple[np.ndarray, dict[int, str]]:
     """Space-separated decimal pixel strings (bytes-like) -> ((N, 2304) uint8, {row: reason}).
 
-    Works through blocks of rows: on this machine a pass over fresh 300 MB arrays costs
-    more in page faults than in arithmetic, so the whole-file version was 5x slower.
+    Works through blocks of rows: a pass over fresh whole-file temporaries (300 MB)
+    costs more in page faults than in arithmetic (benchmarks/RESULTS.md, Pack).
     """
     images = np.zeros((len(fields), PIXELS), np.uint8)
     bad: dict[int, str] = {}

@@ -1,12 +1,13 @@
 """The Kaggle image-folder layout: SRC/{train,test}/<class>/<Usage>_<id>.jpg -> uint8 arrays.
 
-Scanning lists names only (os.scandir, ~20 ms for FER2013); the source fingerprint
+Scanning lists names only (os.scandir; no stat per file): the source fingerprint
 (path, size, mtime of every file) comes from the decode workers' fstat of each file
-they open, or from `stat_fingerprint` when an existing pack must be compared first;
-decoding runs in forked worker processes, a chunk of files per task, writing into
-one shared array: 48x48 gray JPEGs through `jpeg_fast` (~40 us per file with its
-read), anything else through Image.open (~80 us). Measured alternatives: torchvision's
-decoder needs a 3.4 s torch import; DALI's CPU decoder was no faster per file.
+they open, or from `stat_fingerprint` when an existing pack must be compared first.
+Decoding runs in forked worker processes, a chunk of files per task, writing into
+one shared array: 48x48 gray JPEGs through `jpeg_fast` (about half the time per
+file), anything else through Image.open. torchvision's decoder (it needs torch
+imported) and DALI's CPU decoder were measured and were no faster. The figures are
+in benchmarks/RESULTS.md (Pack).
 """
 from __future__ import annotations
 

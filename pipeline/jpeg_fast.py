@@ -1,10 +1,10 @@
 """Decode many small gray JPEGs with Pillow's libjpeg decoder, without Image.open.
 
-`Image.open` spends ~50 of its ~80 us per 48x48 FER2013 JPEG in Python: format
-probing, header parsing into a dict, an Image object and then a numpy copy per
-file. The pixels take ~25 us. Here a chunk of files is decoded into one tall
-Pillow image (a 48-row band per file) and converted to numpy once, after a
-minimal header check of our own.
+For a 48x48 FER2013 JPEG, `Image.open` spends more time in Python than libjpeg
+spends on the pixels: format probing, header parsing into a dict, an Image object
+and then a numpy copy per file (figures in benchmarks/RESULTS.md, Pack). Here a
+chunk of files is decoded into one tall Pillow image (a 48-row band per file) and
+converted to numpy once, after a minimal header check of our own.
 
 This uses three Pillow internals (`Image._getdecoder`, `Image.core.new`,
 `Image.Image()._new`) that Pillow's own ImageFile.load is built on. Anything the
@@ -39,7 +39,7 @@ class NotRegularFile(OSError):
 
 
 def read_file(path: str) -> tuple[bytes, os.stat_result]:
-    """The whole file and its stat, with fewer Python objects than open().read() (~5 vs ~9 us)."""
+    """The whole file and its stat, with fewer Python objects (so less time) than open().read()."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
     try:
         st = os.fstat(fd)

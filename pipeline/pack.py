@@ -262,7 +262,7 @@ def _write_shard_job(job: tuple[str, int, np.ndarray]) -> dict:
 
 
 def _write_shards(out_dir: Path, data: Loaded, jobs: list, workers: int) -> list[dict]:
-    """Write the planned shards, in parallel where there are workers (HDF5 + sha256: ~40 ms each)."""
+    """Write the planned shards, in parallel where there are workers (each is an HDF5 write and a sha256)."""
     global _SHARD_SOURCE
     _SHARD_SOURCE = (out_dir, data)
     try:
