@@ -7,8 +7,9 @@ Per image size:
   for each variant in --variants (eager|compiled x fp32|amp x nchw|cl);
 * `end_to_end`: real shards through each loader in --loaders, with the first variant
   (the one training uses by default on this device).
-Warm-up steps first (they include compilation), then --repeats timed runs of --steps
-steps, synchronised; the median run is reported. The step is facesense train's:
+Warm-up steps first (they include compilation; their time is reported apart as
+`warmup_s`), then --repeats timed runs of --steps steps, synchronised; the median run
+is reported. Each compiled variant starts from a reset dynamo state. The step is facesense train's:
 model from facesense.model, AdamW from facesense.optim, AMP from facesense.runtime.
 """
 from __future__ import annotations
@@ -49,7 +50,12 @@ class Step:
         fmt = torch.channels_last if variant["channels_last"] else torch.contiguous_format
         self.model = create_model(model_name, channels, num_classes, zero_init=True).to(device, memory_format=fmt)
         self.optimizer = make_optimizer(self.model, TrainConfig(), device)
-        self.autocast, self.scaler, _ = amp_setup(variant["amp"], "bfloat16", device)
+        self.autocast, self.scaler, self.batch_dtype = amp_setup(variant["amp"], "bfloat16", device)
+        if variant["compile"]:
+            # A fresh dynamo state per variant: otherwise guards and graphs from the previous size or
+            # variant linger, recompiles pile up to the cache limit and the step may run a dynamic-shape
+            # graph, which is not what a training run (one size, compiled once) executes.
+            torch._dynamo.reset()
         self.forward = torch.compile(self.model) if variant["compile"] else self.model
         self.format = fmt
 
@@ -64,10 +70,13 @@ class Step:
 
 
 def _time(step: Step, batches, steps: int, warmup: int, repeats: int, batch_size: int,
-          device: torch.device) -> list[float]:
+          device: torch.device) -> tuple[list[float], float]:
+    """Images/s of each timed repeat, and the warm-up's seconds (which include any compilation)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         step(*next(batches))
     _sync(device)
+    warmup_s = time.perf_counter() - start
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -75,7 +84,7 @@ def _time(step: Step, batches, steps: int, warmup: int, repeats: int, batch_size
             step(*next(batches))
         _sync(device)
         rates.append(steps * batch_size / (time.perf_counter() - start))
-    return rates
+    return rates, warmup_s
 
 
 def _loader_stream(loader):
@@ -93,8 +102,9 @@ def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], m
     classes = load_manifest(data)["classes"]
     results = []
 
-    def record(row: dict, rates: list[float]) -> None:
-        row.update(images_per_s=statistics.median(rates), all_images_per_s=rates)
+    def record(row: dict, timed: tuple[list[float], float]) -> None:
+        rates, warmup_s = timed
+        row.update(images_per_s=statistics.median(rates), all_images_per_s=rates, warmup_s=warmup_s)
         results.append(row)
         print(f"{row['size']:4d}px {row['mode']:10s} {row['loader']:10s} {row['variant']:18s} "
               f"{row['images_per_s']:9.1f} img/s")
@@ -105,12 +115,14 @@ def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], m
             step = Step(model, len(classes), channels, variant, dev)
             fixed = (torch.randn(batch_size, channels, size, size, device=dev),
                      torch.randint(0, len(classes), (batch_size,), device=dev))
-            rates = _time(step, iter(lambda: fixed, None), steps, warmup, repeats, batch_size, dev)
-            record({"size": size, "mode": "synthetic", "loader": "none", "variant": name}, rates)
+            fixed = (fixed[0].to(step.batch_dtype), fixed[1])  # what the loader hands training under AMP
+            timed = _time(step, iter(lambda: fixed, None), steps, warmup, repeats, batch_size, dev)
+            record({"size": size, "mode": "synthetic", "loader": "none", "variant": name}, timed)
         name, variant = variants[0], parsed[variants[0]]
         for kind in loaders:
+            batch_dtype = amp_setup(variant["amp"], "bfloat16", dev)[2]
             cfg = LoaderConfig(kind=kind, batch_size=batch_size, img_size=size, channels=channels,
-                               compile_cpu=variant["compile"])
+                               dtype=batch_dtype, compile_cpu=variant["compile"])
             try:
                 loader = make_loader(data, "train", cfg, dev)
             except ImportError as exc:
@@ -119,9 +131,9 @@ def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], m
                 continue
             torch.manual_seed(0)
             step = Step(model, len(classes), channels, variant, dev)
-            rates = _time(step, _loader_stream(loader), steps, warmup, repeats, batch_size, dev)
+            timed = _time(step, _loader_stream(loader), steps, warmup, repeats, batch_size, dev)
             record({"size": size, "mode": "end_to_end", "loader": kind, "resolved_loader": loader.kind,
-                    "variant": name}, rates)
+                    "variant": name}, timed)
             del loader
     ratios = {}
     for size in sizes:

@@ -79,8 +79,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
     # speed
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK
-    amp: bool = False  # mixed precision autocast (bfloat16 on CPU and GPUs that have it)
-    amp_dtype: str = "bfloat16"  # autocast dtype: bfloat16 or float16 (float16 uses a GradScaler on CUDA)
+    amp: bool | None = None  # mixed precision autocast; default: on for CUDA, off on CPU (slower there)
+    amp_dtype: str = "bfloat16"  # autocast dtype: bfloat16 (float16 on GPUs without native bfloat16) or float16 (with a GradScaler on CUDA)
     compile: bool | None = None  # torch.compile the model (and the CPU loader's augmentation); default: on for CUDA
     channels_last: bool = True  # channels-last memory format for the model and batches
     deterministic: bool = False  # deterministic kernels (slower on GPU) for bit-exact reruns and resumes

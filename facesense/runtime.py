@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -67,20 +68,72 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CPU and every CUDA device
 
 
+def amp_default(enabled: bool | None, device: torch.device) -> bool:
+    """--amp/--no-amp as given, else on for CUDA (the target) and off on CPU (slower there)."""
+    return device.type == "cuda" if enabled is None else enabled
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bfloat16 in hardware: always on CPU; on CUDA not emulated (pre-Ampere GPUs emulate it, slowly)."""
+    if device.type != "cuda":
+        return True
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the keyword: it did not count emulation then
+        return torch.cuda.is_bf16_supported()
+
+
 def amp_setup(enabled: bool, dtype_name: str, device: torch.device):
     """(autocast context, GradScaler, batch dtype). AMP as an object: the loop never branches on it.
 
-    bfloat16 needs no loss scaling; GPUs without bfloat16 fall back to float16. float16
+    bfloat16 needs no loss scaling; GPUs without native bfloat16 fall back to float16. float16
     gets a GradScaler (a no-op scaler when disabled, so the loop is the same either way).
     """
     if not enabled:
         return nullcontext(), torch.amp.GradScaler(device.type, enabled=False), torch.float32
     dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float16
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        print(f"note: {torch.cuda.get_device_name(device)} has no bfloat16; using float16 with a GradScaler")
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        print(f"note: {torch.cuda.get_device_name(device)} has no native bfloat16; using float16 with a GradScaler")
         dtype = torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return torch.autocast(device.type, dtype=dtype), scaler, dtype
+
+
+class DataWait:
+    """Seconds the training loop spends waiting for batches, summed; read only where the loop syncs anyway.
+
+    On CPU the host clock is the truth. On CUDA the host only enqueues work and returns at once, so
+    host time reads ~0 however slow the data is; there a pair of CUDA events brackets each fetch on
+    the compute stream, and the device time between them (augmentation kernels, copies, DALI's
+    stream hand-over, or the device idling while the host produces the batch) is the wait.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.total, self._since, self._pending = 0.0, 0.0, []
+
+    def start(self) -> None:
+        if self.cuda:
+            self._since = torch.cuda.Event(enable_timing=True)
+            self._since.record()
+        else:
+            self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._since, end))
+        else:
+            self.total += time.perf_counter() - self._since
+
+    def seconds(self) -> float:
+        """The total so far (on CUDA this waits for the recorded events: call it at sync points)."""
+        if self._pending:
+            self._pending[-1][1].synchronize()
+            self.total += sum(a.elapsed_time(b) for a, b in self._pending) / 1000
+            self._pending.clear()
+        return self.total
 
 
 def on_all_ranks(rt: Runtime, fn):

@@ -26,6 +26,7 @@ Several machines: the same command on each, with torchrun's rendezvous options
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +68,8 @@ class NonFiniteLoss(FaceSenseError):
 
 def train(cfg: TrainConfig) -> TrainResult:
     rt = runtime.setup(cfg.device, cfg.deterministic)
+    # Resolved before anything is compared or saved: a checkpoint records what actually ran.
+    cfg = dataclasses.replace(cfg, amp=runtime.amp_default(cfg.amp, rt.device))
     lock = RunLock(cfg.out)  # rank 0 writes --out, so rank 0 holds it
     try:
         # Before anything looks at --out: a second train into it fails here, at once.
@@ -233,12 +236,12 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
             model.train()
             interval_loss = torch.zeros((), device=rt.device)
             start = last_log = time.perf_counter()
-            wait = wait_log = 0.0
+            data_wait, wait_log = runtime.DataWait(rt.device), 0.0
             n_interval = n_epoch = 0  # steps since the last log, since this (re)start of the epoch
             batch = first - 1
-            ready = time.perf_counter()
+            data_wait.start()
             for batch, (images, labels) in enumerate(train_loader, start=first):
-                wait += time.perf_counter() - ready
+                data_wait.stop()
                 with autocast:
                     logits = runner(images)
                     loss = criterion(logits, labels)
@@ -266,7 +269,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
                 if step % cfg.log_every == 0 or end_of_epoch or stop or save_now:
                     value = runtime.reduce_sum(rt, interval_loss).item() / (n_interval * rt.world_size)  # host sync
                     check_finite(value, f"epoch {epoch + 1}, steps {step - n_interval + 1}-{step}")
-                    now = time.perf_counter()
+                    now, wait = time.perf_counter(), data_wait.seconds()
                     bar.show(value, n_interval * cfg.batch_size * rt.world_size / (now - last_log),
                              (wait - wait_log) / (now - last_log))
                     interval_loss.zero_()
@@ -275,7 +278,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
                     checkpoint((epoch, batch + 1), is_best=False)  # the loss was checked just above
                 if end_of_epoch or stop:
                     break
-                ready = time.perf_counter()
+                data_wait.start()
             elapsed = time.perf_counter() - start
             if n_epoch == 0:
                 break
@@ -299,7 +302,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
                 row |= {f"val_{k}": metrics[k] for k in ("accuracy", "auc_macro_ovr", "f1_weighted")}
                 row |= {"lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": n_epoch * cfg.batch_size * rt.world_size / elapsed,
-                        "data_wait_share": wait / elapsed, "epoch_time_s": elapsed}
+                        "data_wait_share": data_wait.seconds() / elapsed, "epoch_time_s": elapsed}
                 is_best = row["val_accuracy"] > best
                 best = max(best, row["val_accuracy"])
                 history.append(row)

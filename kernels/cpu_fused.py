@@ -29,7 +29,15 @@ from kernels.spec import AugParams, OutputSpec, erase_box
 # Inductor's CPU heuristic materialises a pointwise expression once it exceeds 50 ops;
 # the bilinear gather is ~70, and splitting it wrote two full-size temporaries per batch
 # (benchmarks/RESULTS.md, Loaders). A high threshold keeps stage 1 one loop with no temporaries.
+# The option exists in torch 2.11 and later; a torch without it compiles with its defaults
+# (slower at large sizes, same result) instead of failing on an unknown option.
 _INDUCTOR_OPTIONS = {"realize_cpu_opcount_threshold": 10_000}
+
+
+def _inductor_options() -> dict:
+    from torch._inductor import config
+
+    return {name: value for name, value in _INDUCTOR_OPTIONS.items() if hasattr(config, name)}
 
 
 def gray_stage(images: torch.Tensor, index: torch.Tensor, params: AugParams, size: int,
@@ -101,7 +109,7 @@ def augment_explicit(images: torch.Tensor, index: torch.Tensor, params: AugParam
 
 @functools.cache
 def _compiled_stages():
-    compile_ = functools.partial(torch.compile, dynamic=False, options=_INDUCTOR_OPTIONS)
+    compile_ = functools.partial(torch.compile, dynamic=False, options=_inductor_options())
     return compile_(gray_stage), compile_(finish_stage)
 
 

@@ -14,6 +14,7 @@ two agree to float32 rounding.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -54,7 +55,7 @@ if triton is not None:
         live = p < S * S
         ox, oy = p % S, p // S
 
-        # Per-sample scalars, precomputed on the host side of the launcher (tiny tensors):
+        # Per-sample scalars, computed before the launch by kernel_params (tiny tensors):
         # inverse affine rows, brightness gain, contrast; the erase box in pixels.
         a00 = tl.load(coef_ptr + b * 8 + 0)
         a01 = tl.load(coef_ptr + b * 8 + 1)
@@ -118,12 +119,41 @@ if triton is not None:
         tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=live[:, None] & (c[None, :] < C))
 
 
-def augment_triton(images: torch.Tensor, index: torch.Tensor, params: AugParams,
+@dataclass
+class KernelParams:
+    """AugParams reduced to what the kernel reads, on the kernel's device.
+
+    coef (B, 8) float32: inverse affine rows, brightness gain, contrast; box (B, 4) int32:
+    the erase box in output pixels. Row slices stay contiguous, so the resident loader
+    computes them once per epoch and a batch is a slice plus one launch.
+    """
+
+    coef: torch.Tensor
+    box: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.coef.shape[0]
+
+    def __getitem__(self, index) -> "KernelParams":
+        return KernelParams(self.coef[index], self.box[index])
+
+
+def kernel_params(params: AugParams, size: int, device: torch.device | str) -> KernelParams:
+    """The kernel's per-sample inputs for `params` at output side `size` (~30 small device ops)."""
+    coef = torch.cat([params.inverse_affine().reshape(-1, 6),
+                      params.brightness.float()[:, None], params.contrast.float()[:, None]], 1)
+    box = erase_box(params, size)
+    return KernelParams(coef.to(device=device, dtype=torch.float32).contiguous(),
+                        box.to(device=device, dtype=torch.int32).contiguous())
+
+
+def augment_triton(images: torch.Tensor, index: torch.Tensor, params: AugParams | KernelParams,
                    out: OutputSpec, block: int = 1024) -> torch.Tensor:
     """Augment images[index] -> (B, C, S, S) channels-last tensor of out.dtype, in one launch.
 
     Same contract as `augment_reference`: images (N, H, W) uint8 contiguous on the device,
-    index (B,) integer on the same device, params one entry per index on any device.
+    index (B,) integer on the same device, params one entry per index on any device
+    (AugParams, or KernelParams computed ahead for this output size and device).
     Index values are not range-checked: that needs a host sync every batch.
     """
     if triton is None:
@@ -143,23 +173,21 @@ def augment_triton(images: torch.Tensor, index: torch.Tensor, params: AugParams,
     assert block & (block - 1) == 0, "block must be a power of two"
 
     device, b, s, c = images.device, index.shape[0], out.size, out.channels
-    # Per-sample scalars are O(B) work on the host side of the launch; the kernel only
-    # reads them. The draw lives on any device, so move what we derive, not the caller's.
-    coef = torch.cat([params.inverse_affine().reshape(-1, 6),
-                      params.brightness.float()[:, None], params.contrast.float()[:, None]], 1)
-    coef = coef.to(device=device, dtype=torch.float32).contiguous()
-    box = erase_box(params, s).to(device=device, dtype=torch.int32).contiguous()
+    if isinstance(params, AugParams):  # a dozen small device ops; loaders compute these once per epoch
+        params = kernel_params(params, s, device)
+    assert params.coef.device == device and params.coef.is_contiguous() and params.box.is_contiguous(), \
+        "KernelParams must be contiguous and on the images' device"
     mean, std = out.channel_stats()
     mean, std = mean + [0.0] * (3 - c), std + [1.0] * (3 - c)  # pad to the kernel's 3 slots
 
     result = torch.empty((b, s, s, c), device=device, dtype=out.dtype)
     if b > 0:
         grid = (b, triton.cdiv(s * s, block))
-        _augment_kernel[grid](images, index.contiguous(), coef, box, result,
+        _augment_kernel[grid](images, index.contiguous(), params.coef, params.box, result,
                               images.shape[1], images.shape[2], s,
                               *mean, *std,
                               C=c, C_PAD=triton.next_power_of_2(c), BLOCK=block, num_warps=4)
     return result.permute(0, 3, 1, 2)  # (B, C, S, S) view with channels-last strides
 
 
-__all__ = ["augment_triton", "triton_available"]
+__all__ = ["KernelParams", "augment_triton", "kernel_params", "triton_available"]

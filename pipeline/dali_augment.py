@@ -106,26 +106,38 @@ def dali_erase_region(params: AugParams, size: int) -> tuple[np.ndarray, np.ndar
     return anchor.numpy(), shape.numpy()
 
 
-def dali_inputs(images_u8: np.ndarray | torch.Tensor, params: AugParams,
-                out: OutputSpec) -> dict[str, np.ndarray]:
-    """Everything one batch feeds to the pipeline's external sources, as numpy arrays."""
-    if isinstance(images_u8, torch.Tensor):
-        images_u8 = images_u8.detach().cpu().numpy()
-    images = np.ascontiguousarray(images_u8)
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"images must be (B, H, W) uint8, got {images.dtype} {images.shape}")
-    if len(params) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(params)} parameter sets")
+def dali_param_arrays(params: AugParams, in_hw: tuple[int, int], out: OutputSpec) -> dict[str, np.ndarray]:
+    """The per-sample argument inputs (matrix, jitter, erase box) for any number of samples.
+
+    The DALI loader converts a whole epoch's draws at once and feeds row slices of the
+    result, so no float64 matrix maths runs on the training thread per batch.
+    """
     params = params.to("cpu")
     anchor, shape = dali_erase_region(params, out.size)
     return {
-        "images": images[..., None],  # (B, H, W, 1): HWC per sample
-        "matrix": dali_affine_matrix(params, images.shape[1:], out.size),
+        "matrix": dali_affine_matrix(params, in_hw, out.size),
         "brightness": params.brightness.float().numpy(),
         "contrast": params.contrast.float().numpy(),
         "erase_anchor": anchor,
         "erase_shape": shape,
     }
+
+
+def dali_inputs(images_u8: np.ndarray | torch.Tensor, params: AugParams | dict[str, np.ndarray],
+                out: OutputSpec) -> dict[str, np.ndarray]:
+    """Everything one batch feeds to the pipeline's external sources, as numpy arrays.
+
+    `params` is the batch's AugParams, or its rows of `dali_param_arrays` (already converted).
+    """
+    if isinstance(images_u8, torch.Tensor):
+        images_u8 = images_u8.detach().cpu().numpy()
+    images = np.ascontiguousarray(images_u8)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(f"images must be (B, H, W) uint8, got {images.dtype} {images.shape}")
+    arrays = dali_param_arrays(params, images.shape[1:], out) if isinstance(params, AugParams) else params
+    if len(arrays["brightness"]) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(arrays['brightness'])} parameter sets")
+    return {"images": images[..., None], **arrays}  # images (B, H, W, 1): HWC per sample
 
 
 _INPUT_NAMES = ("images", "matrix", "brightness", "contrast", "erase_anchor", "erase_shape")
@@ -174,72 +186,11 @@ def augment_graph(images, matrix, brightness, contrast, erase_anchor, erase_shap
     return x
 
 
-def build_augment_pipeline(out: OutputSpec, batch_size: int, device_id: int | None,
-                           num_threads: int = 2, seed: int = 0, prefetch_queue_depth: int = 1):
-    """A pipeline fed by `feed_input` on named external sources (see `_INPUT_NAMES`).
-
-    batch_size is the *maximum*: a smaller batch (the last one of an epoch) is fed as
-    is; external_source supports variable batch sizes.
-    """
-    _require_dali()
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  seed=seed, prefetch_queue_depth=prefetch_queue_depth)
-    def augment_pipeline():
-        nodes = [fn.external_source(name=name, ndim=ndim, layout="HWC" if name == "images" else None,
-                                    dtype=types.UINT8 if name == "images" else types.FLOAT)
-                 for name, ndim in zip(_INPUT_NAMES, _INPUT_NDIM)]
-        return augment_graph(*nodes, out=out, on_gpu=device_id is not None)
-
-    pipe = augment_pipeline()
-    pipe.build()
-    return pipe
-
-
-def _to_torch(batch, out: OutputSpec, device_id: int | None) -> torch.Tensor:
-    """DALI HWC TensorList (B, S, S, C) -> torch (B, C, S, S), channels-last, out.dtype."""
-    if device_id is None:
-        array = batch.as_array()  # a fresh numpy copy of the dense batch
-        x = torch.from_numpy(array)
-    else:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-        tensor = batch.as_tensor()
-        torch_dtype = torch.float16 if out.dtype == torch.float16 else torch.float32
-        x = torch.empty(tuple(tensor.shape()), dtype=torch_dtype, device=f"cuda:{device_id}")
-        feed_ndarray(tensor, x, cuda_stream=torch.cuda.current_stream(device_id))
-    x = x.permute(0, 3, 1, 2)  # a view: NHWC memory is channels-last NCHW
-    return x.to(dtype=out.dtype, memory_format=torch.channels_last)
-
-
-class DaliAugmenter:
-    """Augments one batch at a time with DALI: `aug(images_u8, params) -> (B, C, S, S)`.
-
-    The pipeline is built once (for this OutputSpec and maximum batch size) and fed
-    per call; batches smaller than batch_size are fine. device_id=None runs every op
-    on the CPU; an int runs them on that GPU and returns CUDA tensors.
-    """
-
-    def __init__(self, out: OutputSpec, batch_size: int, device_id: int | None = None,
-                 num_threads: int = 2, seed: int = 0):
-        _require_dali()
-        self.out, self.batch_size, self.device_id = out, batch_size, device_id
-        self.pipe = build_augment_pipeline(out, batch_size, device_id, num_threads, seed)
-
-    def __call__(self, images_u8: np.ndarray | torch.Tensor, params: AugParams) -> torch.Tensor:
-        n = len(params)
-        if not 1 <= n <= self.batch_size:
-            raise ValueError(f"batch of {n} samples; this augmenter takes 1..{self.batch_size}")
-        for name, array in dali_inputs(images_u8, params, self.out).items():
-            self.pipe.feed_input(name, array)
-        (batch,) = self.pipe.run()
-        return _to_torch(batch, self.out, self.device_id)
-
-
 # --------------------------------------------------------------------------------------
 # Loader: DALI's PyTorch iterator over a Python source of (images, labels, params)
 # --------------------------------------------------------------------------------------
 
-Batch = tuple[Any, Any, AugParams]  # images (B, H, W) uint8, labels (B,), params
+Batch = tuple[Any, Any, Any]  # images (B, H, W) uint8, labels (B,), AugParams or dali_param_arrays rows
 
 
 class DaliBatchIterator:
@@ -299,5 +250,5 @@ def dali_iterator(source: Iterable[Batch] | Callable[[], Iterable[Batch]], out: 
     return DaliBatchIterator(dali_iter, out)
 
 
-__all__ = ["dali_affine_matrix", "dali_erase_region", "dali_inputs", "augment_graph",
-           "build_augment_pipeline", "DaliAugmenter", "DaliBatchIterator", "dali_iterator"]
+__all__ = ["dali_affine_matrix", "dali_erase_region", "dali_param_arrays", "dali_inputs", "augment_graph",
+           "DaliBatchIterator", "dali_iterator"]

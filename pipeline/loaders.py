@@ -1,20 +1,26 @@
 """Loaders: (images, labels) batches already on the training device, one interface, three kinds.
 
 * resident   - the split lives on the device as one uint8 tensor; a batch is an index
-               into it plus one augmentation call (fused Triton kernel on CUDA; on CPU
-               the reference's math compiled into one loop by torch.compile, or the
-               reference itself with compile_cpu=False). No workers, no host copies.
-* dali       - the same draws fed through the DALI pipeline (`pipeline/dali_augment.py`).
+               into it plus one augmentation call (the fused Triton kernel on CUDA; on CPU
+               the reference's math compiled by torch.compile into two vectorised stages,
+               see kernels/cpu_fused.py, or the reference itself with compile_cpu=False).
+               No workers, no host copies.
+* dali       - the same epoch plan fed through the DALI pipeline (`pipeline/dali_augment.py`).
 * dataloader - torch DataLoader + torchvision per-image PIL transforms, as the project we
                grow from did. Kept as the baseline every speed claim is compared with.
-* auto       - dali on CUDA when DALI is installed, resident otherwise (see README for
-               why and for the measurements).
+* auto       - resident (see README for why).
 
 All kinds share the epoch plan below, so they visit the same samples in the same
 order for a given (seed, epoch, rank): seeded per-epoch shuffling; DDP ranks read
 disjoint contiguous parts of the split; in train mode every rank is padded to the
 same sample count (so every rank runs the same number of steps); eval mode visits
 every sample of the rank's part exactly once, in order, with a partial last batch.
+
+Work is split by how often it runs (as in airbench): the order and every augmentation
+parameter of an epoch are drawn once when the epoch starts (`EpochPlan`); a batch is
+then only slices of the plan and one augmentation call. The parameters are drawn on
+the device the engine runs on, so resident (CUDA generator on CUDA) and DALI (CPU
+generator) see the same draws on CPU only.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 from kernels.reference import augment_reference
-from kernels.spec import AugConfig, OutputSpec, identity_params, sample_params
+from kernels.spec import AugConfig, AugParams, OutputSpec, View, identity_params, sample_params, view_params
 from pipeline.shards import SplitArrays, load_manifest, read_split
 
 KINDS = ("auto", "resident", "dali", "dataloader")
@@ -48,7 +54,7 @@ class LoaderConfig:
     rank: int = 0  # this process's DDP rank
     world_size: int = 1  # number of DDP ranks
     workers: int = 2  # worker processes (dataloader) / threads (dali)
-    compile_cpu: bool = True  # resident on CPU: torch.compile the fused engine (first batch ~10 s per shape)
+    compile_cpu: bool = True  # resident on CPU: torch.compile the fused engine (compiles once per output shape)
 
     def output_spec(self) -> OutputSpec:
         return OutputSpec(size=self.img_size, channels=self.channels, mean=tuple(self.mean),
@@ -60,12 +66,8 @@ def resolve_kind(kind: str, device: torch.device) -> str:
         raise ValueError(f"unknown loader kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind != "auto":
         return kind
-    if device.type == "cuda":
-        try:
-            import nvidia.dali  # noqa: F401
-            return "dali"
-        except ImportError:
-            pass
+    # resident on every device: on CUDA its Triton kernel needs no host work per batch and no extra
+    # wheel; DALI stays available as --loader dali and is benchmarked beside it (README, "Loaders").
     return "resident"
 
 
@@ -92,6 +94,13 @@ class Loader:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the {self.num_samples} "
                              f"samples per rank; lower --batch-size")
         self.epoch, self.start_batch = 0, 0
+        self.view: View | None = None  # eval mode: a fixed test-time view instead of the plain image
+
+    def set_view(self, view: View | None) -> None:
+        """Eval mode: show every image through `view` (test-time augmentation); None: plain images."""
+        if self.cfg.train:
+            raise ValueError("views are for eval-mode loaders (train mode draws random augmentation)")
+        self.view = view
 
     def __len__(self) -> int:
         if self.cfg.train and self.cfg.drop_last:
@@ -116,6 +125,29 @@ class Loader:
         b = self.cfg.batch_size
         return [order[i * b:(i + 1) * b] for i in range(len(self))]
 
+    def batch_slices(self) -> list[slice]:
+        """Positions in the epoch plan of each batch still to run in this epoch."""
+        b, n = self.cfg.batch_size, self.num_samples
+        return [slice(i * b, min((i + 1) * b, n)) for i in range(self.start_batch, len(self))]
+
+    def plan(self, epoch: int, device) -> "EpochPlan":
+        """The epoch's order and augmentation parameters, drawn once (identity params in eval mode)."""
+        order = self.epoch_order(epoch)
+        if not self.cfg.train:
+            n = len(order)
+            params = identity_params(n, device) if self.view is None else view_params(n, self.view, device)
+            return EpochPlan(order.to(device), params)
+        gen = _generator(self.cfg.seed, epoch, self.cfg.rank, 1, device)
+        return EpochPlan(order.to(device), sample_params(len(order), self.cfg.aug, gen))
+
+
+@dataclass
+class EpochPlan:
+    """Everything random about one epoch: per batch only slices of it are taken."""
+
+    order: torch.Tensor  # (n,) int64 indices into the rank's part, in visiting order
+    params: AugParams  # one parameter set per position of `order`
+
 
 class ResidentLoader(Loader):
     """The split on the device as one uint8 tensor; per batch only indexing + one augment call."""
@@ -136,17 +168,22 @@ class ResidentLoader(Loader):
             self.augment, self.engine = compiled_explicit(), "compiled_explicit"
 
     def __iter__(self):
-        params_gen = _generator(self.cfg.seed, self.epoch, self.cfg.rank, 1, self.device)
-        for i, idx in enumerate(self.index_batches(device=self.device)):
-            params = (sample_params(len(idx), self.cfg.aug, params_gen) if self.cfg.train
-                      else identity_params(len(idx), self.device))
-            if i < self.start_batch:
-                continue  # drawn but skipped: a resumed epoch sees the same draws after this
-            yield self.augment(self.images, idx, params, self.out), self.labels[idx]
+        plan = self.plan(self.epoch, self.device)
+        labels = self.labels[plan.order]  # one gather per epoch
+        params = plan.params
+        if self.engine == "triton":  # what the kernel reads, computed for the epoch: a batch is one launch
+            from kernels.triton_augment import kernel_params
+
+            params = kernel_params(params, self.out.size, self.device)
+        for part in self.batch_slices():
+            yield self.augment(self.images, plan.order[part], params[part], self.out), labels[part]
 
 
 class DaliLoader(Loader):
-    """Host-resident uint8 split fed through DALI with the same draws as the resident loader.
+    """Host-resident uint8 split fed through DALI, following the shared epoch plan.
+
+    The plan is drawn with a CPU generator, so on CPU DALI and the resident loader see the
+    same draws (tested); on CUDA the resident loader draws on the GPU and they differ.
 
     DALI asks its source for an epoch ahead of use (prefetch, and again at each reset),
     before the training loop calls set_epoch. So the pipeline counts epochs itself from
@@ -159,18 +196,26 @@ class DaliLoader(Loader):
         self.images, self.labels = part.images, part.labels
         self.device_id = (device.index or 0) if device.type == "cuda" else None
         self.dali, self._next, self._origin, self._calls = None, None, (0, 0), 0
+        self.builds = 0  # pipelines built so far: one per run, unless epochs are cut short or skipped
+
+    def set_view(self, view: View | None) -> None:
+        super().set_view(view)
+        self._next = None  # DALI may already be preparing a pass with the previous view: rebuild
 
     def _epoch_batches(self):
+        from pipeline.dali_augment import dali_param_arrays
+
         epoch, start = self._origin
         epoch, start = epoch + self._calls, (start if self._calls == 0 else 0)
         self._calls += 1
-        params_gen = _generator(self.cfg.seed, epoch, self.cfg.rank, 1)
-        for i, idx in enumerate(self.index_batches(epoch)):
-            params = (sample_params(len(idx), self.cfg.aug, params_gen) if self.cfg.train
-                      else identity_params(len(idx)))
-            if i >= start:
-                idx_np = idx.numpy()
-                yield self.images[idx_np], self.labels[idx_np], params
+        plan = self.plan(epoch, "cpu")
+        order = plan.order.numpy()
+        arrays = dali_param_arrays(plan.params, self.images.shape[1:], self.out)  # the whole epoch at once
+        b = self.cfg.batch_size
+        for i in range(start, len(self)):
+            rows = slice(i * b, min((i + 1) * b, len(order)))
+            idx = order[rows]
+            yield self.images[idx], self.labels[idx], {k: v[rows] for k, v in arrays.items()}
 
     def __iter__(self):
         from pipeline.dali_augment import dali_iterator
@@ -181,10 +226,17 @@ class DaliLoader(Loader):
             self.dali = dali_iterator(self._epoch_batches, self.out, self.cfg.batch_size,
                                       device_id=self.device_id, num_threads=max(1, self.cfg.workers),
                                       seed=self.cfg.seed)
+            self.builds += 1
         self._next = None
-        for images, labels in self.dali:
+        remaining = len(self) - self.start_batch
+        # The training loop breaks right after an epoch's last batch, so nothing after this loop is
+        # sure to run: record the hand-over when the last batch goes out. DALI's iterator is then at
+        # its epoch's end; the next `for` over it (iter() resets it) continues with the epoch it is
+        # already prefetching.
+        for i, (images, labels) in enumerate(self.dali):
+            if i == remaining - 1:  # eval passes do not depend on the epoch: the same pass comes next
+                self._next = (self.epoch + 1, 0) if self.cfg.train else (self.epoch, 0)
             yield images.to(self.device), labels.to(self.device)
-        self._next = (self.epoch + 1, 0)  # what DALI is already prefetching
 
 
 class _PilDataset(torch.utils.data.Dataset):
@@ -237,6 +289,12 @@ class TorchDataLoader(Loader):
             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
             multiprocessing_context="forkserver" if cfg.workers > 0 else None,
             generator=torch.Generator().manual_seed(cfg.seed))
+
+    def set_view(self, view: View | None) -> None:
+        if view is not None:
+            raise ValueError("test-time views need the resident or dali loader (the dataloader baseline "
+                             "has its own per-image transforms)")
+        super().set_view(view)
 
     def __iter__(self):
         for images, labels in self.loader:

@@ -8,6 +8,13 @@ PNG files round-trip exactly; JPEG files only approximately.
 """
 from __future__ import annotations
 
+import os
+
+# Triton picks its CPU interpreter when kernels.triton_augment is imported (@triton.jit runs then),
+# so without a GPU the variable must be set before any test module imports it.
+if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import csv
 import zlib
 from dataclasses import dataclass, field

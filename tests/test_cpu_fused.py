@@ -106,3 +106,11 @@ def test_buffer_pool_without_use_count_allocates_plainly(monkeypatch):
     assert not pool.reuse and len({t.data_ptr() for t in held}) == 3
     assert all(t.shape == (4, 5) and t.dtype == torch.float32 for t in held)
     assert not any(pool._buffers.values())  # nothing kept: memory goes back when the caller lets go
+
+
+def test_unknown_inductor_options_are_dropped(monkeypatch):
+    """A torch without an option we tune compiles with its defaults instead of failing."""
+    from kernels import cpu_fused
+
+    monkeypatch.setattr(cpu_fused, "_INDUCTOR_OPTIONS", {"realize_cpu_opcount_threshold": 1, "no_such_option": 2})
+    assert cpu_fused._inductor_options() == {"realize_cpu_opcount_threshold": 1}

@@ -11,7 +11,7 @@ pytest.importorskip("nvidia.dali")
 from kernels.reference import augment_reference  # noqa: E402
 from kernels.spec import AugConfig, OutputSpec, erase_box, identity_params, sample_params  # noqa: E402
 from pipeline import dali_augment  # noqa: E402
-from pipeline.dali_augment import DaliAugmenter, dali_iterator  # noqa: E402
+from pipeline.dali_augment import dali_iterator  # noqa: E402
 
 B = 8  # pipeline batch size (the maximum)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -30,6 +30,13 @@ def data(n: int, seed: int = 0):
     labels = torch.randint(0, 7, (n,), generator=g)
     params = sample_params(n, AugConfig(erase_p=0.5), g)
     return images, labels, params
+
+
+def augment_with_dali(images, params, out: OutputSpec, device_id=None) -> torch.Tensor:
+    """Batches of at most B through the loaders' own path (dali_iterator), concatenated."""
+    labels = torch.zeros(len(params), dtype=torch.long)
+    loader = dali_iterator(batches_of(images, labels, params), out, B, device_id=device_id)
+    return torch.cat([x for x, _ in loader]).contiguous(memory_format=torch.channels_last)
 
 
 def unnormalise(x: torch.Tensor, out: OutputSpec) -> torch.Tensor:
@@ -55,7 +62,7 @@ def test_matches_reference(size, channels, dtype):
     images, _, params = data(B, seed=size + channels)
     assert params.erase.any() and not params.erase.all()  # both kinds of sample present
     out = make_out(size, channels, dtype)
-    got = DaliAugmenter(out, B)(images, params)
+    got = augment_with_dali(images, params, out)
     want = augment_reference(images, torch.arange(B), params, out)
     assert_close_to_reference(got, want, out)
 
@@ -64,7 +71,7 @@ def test_matches_reference(size, channels, dtype):
 def test_identity_returns_resized_input(size):
     images, _, _ = data(4)
     out = make_out(size, 1)
-    got = unnormalise(DaliAugmenter(out, 4)(images.numpy(), identity_params(4)), out)
+    got = unnormalise(augment_with_dali(images, identity_params(4), out), out)
     src = images.unsqueeze(1).float() / 255
     want = src if size == 48 else F.interpolate(src, size=(size, size), mode="bilinear",
                                                 align_corners=False)
@@ -76,7 +83,7 @@ def test_flip_is_exact():
     params = identity_params(4)
     params.flip[:] = torch.tensor([True, False, True, False])
     out = make_out(48, 1)
-    got = unnormalise(DaliAugmenter(out, 4)(images, params), out)
+    got = unnormalise(augment_with_dali(images, params, out), out)
     src = images.unsqueeze(1).float() / 255
     want = torch.where(params.flip.view(-1, 1, 1, 1), src.flip(-1), src)
     assert (got - want).abs().max().item() < 1e-4
@@ -91,7 +98,7 @@ def test_jitter_is_exact():
     params.brightness[:] = 0.6 + 0.8 * torch.rand(B, generator=g)  # wide, to reach the clamp
     params.contrast[:] = 0.6 + 0.8 * torch.rand(B, generator=g)
     out = make_out(48, 1)
-    got = DaliAugmenter(out, B)(images, params)
+    got = augment_with_dali(images, params, out)
     want = augment_reference(images, torch.arange(B), params, out)
     assert (unnormalise(got, out) - unnormalise(want, out)).abs().max().item() < 0.01 / 255
 
@@ -100,7 +107,7 @@ def test_erase_box_is_zero_exactly():
     images, _, _ = data(4)
     params = sample_params(4, AugConfig(erase_p=1.0), torch.Generator().manual_seed(3))
     out = make_out(112, 3)
-    got = DaliAugmenter(out, 4)(images, params)
+    got = augment_with_dali(images, params, out)
     box = erase_box(params, out.size)
     for i, (x0, y0, x1, y1) in enumerate(box.tolist()):
         assert x1 > x0 and y1 > y0
@@ -111,23 +118,17 @@ def test_erase_box_is_zero_exactly():
 
 
 def test_partial_batch_and_outputs_stay_valid():
-    images, _, params = data(B + 3, seed=7)
+    images, labels, params = data(B + 3, seed=7)
     out = make_out(112, 3, torch.float16)
-    aug = DaliAugmenter(out, B)
-    full = aug(images[:B], params[:B])
-    last = aug(images[B:], params[B:])  # 3 samples through the pipeline built for 8
-    again = aug(images[:B], params[:B])  # back to a full batch
+    # full batch, 3 samples through the pipeline built for 8, then a full batch again
+    source = [(images[:B], labels[:B], params[:B]), (images[B:], labels[B:], params[B:]),
+              (images[:B], labels[:B], params[:B])]
+    full, last, again = [x for x, _ in dali_iterator(source, out, B)]
     assert last.shape == (3, 3, 112, 112)
     want = augment_reference(images, torch.arange(B + 3), params, out)
     assert_close_to_reference(full, want[:B], out)  # still intact after later runs
     assert_close_to_reference(last, want[B:], out)
     assert torch.equal(full, again)
-
-
-def test_rejects_oversized_batch():
-    images, _, params = data(B + 1)
-    with pytest.raises(ValueError, match="takes 1..8"):
-        DaliAugmenter(make_out(48, 1), B)(images, params)
 
 
 def check_iterator(loader, images, labels, params, out, device="cpu"):
@@ -166,7 +167,7 @@ def test_iterator_takes_a_callable_source():
 def test_clear_error_without_dali(monkeypatch):
     monkeypatch.setattr(dali_augment, "_DALI_IMPORT_ERROR", ImportError("no module"))
     with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
-        DaliAugmenter(make_out(48, 1), B)
+        dali_iterator([], make_out(48, 1), B)
 
 
 @cuda
@@ -175,8 +176,7 @@ def test_clear_error_without_dali(monkeypatch):
 def test_gpu_matches_reference(channels, dtype):
     images, _, params = data(B + 3, seed=5)
     out = make_out(112, channels, dtype)
-    aug = DaliAugmenter(out, B, device_id=0)
-    got = torch.cat([aug(images[:B], params[:B]), aug(images[B:], params[B:])])
+    got = augment_with_dali(images, params, out, device_id=0)
     assert got.is_cuda and got.is_contiguous(memory_format=torch.channels_last)
     want = augment_reference(images.cuda(), torch.arange(B + 3, device="cuda"), params, out)
     assert_close_to_reference(got.contiguous(memory_format=torch.channels_last), want, out)

@@ -190,3 +190,74 @@ def test_gpu_loaders_return_cuda_channels_last(shards, kind):
     assert images.is_cuda and labels.is_cuda
     assert images.shape == (8, 3, 112, 112) and images.dtype == torch.float16
     assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+def run_like_training(loader, epochs):
+    """The training loop's pattern: break right after the epoch's last batch (never reach StopIteration)."""
+    labels = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for i, (_, y) in enumerate(loader):
+            labels.append(y)
+            if i + 1 >= len(loader):
+                break
+    return torch.cat(labels)
+
+
+def test_dali_loader_builds_one_pipeline_across_epochs(shards):
+    pytest.importorskip("nvidia.dali")
+    cfg = dict(batch_size=8, compile_cpu=False)
+    dali = make_loader(shards, "train", LoaderConfig(kind="dali", **cfg), "cpu")
+    resident = make_loader(shards, "train", LoaderConfig(kind="resident", **cfg), "cpu")
+    assert torch.equal(run_like_training(dali, 3), run_like_training(resident, 3))
+    assert dali.builds == 1
+
+
+def test_train_with_dali_loader_builds_one_pipeline(tmp_path, monkeypatch):
+    """Three epochs of facesense train --loader dali: one pipeline, not one per epoch."""
+    pytest.importorskip("nvidia.dali")
+    from train_helpers import make_shards as make_train_shards, train_args
+    from typer.testing import CliRunner
+
+    from facesense.cli import app
+    from pipeline import dali_augment
+
+    built = []
+    real = dali_augment.dali_iterator
+    monkeypatch.setattr(dali_augment, "dali_iterator", lambda *a, **k: built.append(1) or real(*a, **k))
+    data = make_train_shards(tmp_path / "shards")
+    args = train_args(data, tmp_path / "run", "--epochs", "3", "--loader", "dali")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len(built) == 2  # one for train (all three epochs), one for val
+
+
+def test_epoch_parameters_are_drawn_once_per_epoch(shards, monkeypatch):
+    import pipeline.loaders as loaders
+
+    calls = []
+    real = loaders.sample_params
+    monkeypatch.setattr(loaders, "sample_params", lambda n, *a, **k: calls.append(n) or real(n, *a, **k))
+    loader = make_loader(shards, "train", LoaderConfig(kind="resident", batch_size=8, compile_cpu=False), "cpu")
+    loader.set_epoch(0)
+    assert len(list(loader)) == len(loader) == 6
+    assert calls == [50]  # one draw for the whole epoch (50 samples), not one per batch
+
+
+def test_triton_loader_path_matches_reference(shards, monkeypatch):
+    """The resident loader's Triton path (epoch KernelParams, sliced per batch) equals the reference engine."""
+    from kernels import triton_augment
+
+    if not triton_augment.triton_available("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1 set before import (tests/conftest.py sets it)")
+    cfg = LoaderConfig(kind="resident", batch_size=8, img_size=56, channels=3, aug=AugConfig(erase_p=0.5),
+                       compile_cpu=False)
+    reference = make_loader(shards, "train", cfg, "cpu")
+    fast = make_loader(shards, "train", cfg, "cpu")
+    fast.augment, fast.engine = triton_augment.augment_triton, "triton"  # what CUDA selects
+    for loader in (reference, fast):
+        loader.set_epoch(1, start_batch=2)
+    for (a, la), (b, lb) in zip(reference, fast):
+        assert torch.equal(la, lb)
+        assert (a.float() - b.float()).abs().max() <= 2 / 255 / 0.25 + 1e-6
