@@ -127,7 +127,7 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Where report.json, confusion_matrix_heatmap.png and roc_curves.png go "
                                        "(default: eval-<checkpoint name>-<split>/ beside the checkpoint)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report.json in --out that describes another checkpoint."),
-    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, or flip (average with the mirror image)."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none; flip (average with the mirror image); crops (average 10 views: whole image + 4 corner crops zoomed 1.1x, each also mirrored)."),
     batch_size: int = typer.Option(512, "--batch-size", help="Images per batch."),
     loader: str = typer.Option("auto", "--loader", help="Data loader: auto, resident, dali or dataloader."),
     workers: int = typer.Option(2, "--workers", help="Loader worker processes (dataloader) or threads (dali)."),

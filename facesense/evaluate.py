@@ -18,25 +18,47 @@ from torch import nn
 from facesense.errors import FaceSenseError
 from pipeline.shards import sha256_file
 
-TTA = ("none", "flip")
+TTA = ("none", "flip", "crops")
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, autocast=nullcontext(), tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, K) float64 and labels (N,) over one pass of an eval-mode loader.
 
-    tta="flip" averages the probabilities of each image and its mirror image.
+    tta="flip" averages the probabilities of each image and its mirror image; tta="crops" averages
+    ten views (the whole image and four corner crops zoomed 1.1x, each also mirrored: kernels.spec.
+    crop_views), each made from the uint8 source by the loader's own affine sampler.
     Results stay on the device until the end: one host copy per pass, not per batch.
     """
     if tta not in TTA:
         raise FaceSenseError(f"--tta {tta!r}: expected one of {', '.join(TTA)}")
+    if tta != "crops":
+        return _predict_pass(model, loader, autocast, flip=tta == "flip")
+    from kernels.spec import crop_views
+
+    views = crop_views()
+    try:
+        passes = []
+        for view in views:
+            loader.set_view(view)
+            passes.append(_predict_pass(model, loader, autocast, flip=False))
+    except ValueError as exc:  # a loader that cannot make views
+        raise FaceSenseError(f"--tta crops: {exc}") from exc
+    finally:
+        loader.set_view(None)
+    labels = passes[0][1]
+    assert all(np.array_equal(labels, y) for _, y in passes), "views must visit the images in the same order"
+    return sum(p for p, _ in passes) / len(passes), labels
+
+
+def _predict_pass(model: nn.Module, loader, autocast, flip: bool) -> tuple[np.ndarray, np.ndarray]:
     was_training = model.training
     model.eval()
     probs, labels = [], []
     for images, y in loader:
         with autocast:
             p = model(images).float().softmax(1)
-            if tta == "flip":
+            if flip:
                 p = (p + model(images.flip(3)).float().softmax(1)) / 2
         probs.append(p)
         labels.append(y)

@@ -156,6 +156,38 @@ def identity_params(n: int, device="cpu") -> AugParams:
                      ew=full(0.0), eh=full(0.0))
 
 
+@dataclass(frozen=True)
+class View:
+    """One fixed view for test-time augmentation: zoom, shift and mirror, no randomness.
+
+    The shift is in normalised units like AugParams.tx/ty (2.0 = one image side); the view is
+    sampled by the same single affine pass as training's augmentation.
+    """
+
+    scale: float = 1.0  # zoom factor (>1 zooms in)
+    tx: float = 0.0  # shift right, normalised units
+    ty: float = 0.0  # shift down, normalised units
+    flip: bool = False  # mirror left-right
+
+
+def view_params(n: int, view: View, device="cpu") -> AugParams:
+    """Parameters that show every one of n images through `view`."""
+    params = identity_params(n, device)
+    params.flip.fill_(view.flip)
+    params.scale.fill_(view.scale)
+    params.tx.fill_(view.tx)
+    params.ty.fill_(view.ty)
+    return params
+
+
+def crop_views(zoom: float = 1.1) -> list[View]:
+    """The ten-crop idea on the affine sampler: the whole image and four corner crops at `zoom`, each
+    also mirrored. A corner view's shift (zoom - 1) puts the crop's edge on the image's edge."""
+    d = zoom - 1.0
+    places = [View()] + [View(zoom, sx * d, sy * d) for sx in (-1, 1) for sy in (-1, 1)]
+    return places + [View(v.scale, v.tx, v.ty, flip=True) for v in places]
+
+
 def sample_params(n: int, cfg: AugConfig, generator: torch.Generator | None = None,
                   device=None) -> AugParams:
     """Draw parameters for n samples on `device` (the generator's device; default CPU).
@@ -203,5 +235,5 @@ def erase_box(params: AugParams, size: int) -> torch.Tensor:
     return torch.where(params.erase[:, None], box, torch.zeros_like(box))
 
 
-__all__ = ["AugConfig", "OutputSpec", "AugParams", "identity_params", "sample_params",
-           "erase_box"]
+__all__ = ["AugConfig", "OutputSpec", "AugParams", "View", "identity_params", "view_params", "crop_views",
+           "sample_params", "erase_box"]
