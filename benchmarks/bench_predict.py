@@ -25,12 +25,11 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.env import write_result
+from benchmarks.env import median_time, write_result
 
 
 def _faces(data: Path | None, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -46,14 +45,8 @@ def _faces(data: Path | None, n: int, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 
 def _median_rate(fn, items: int, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return items / statistics.median(times), times
+    median, times = median_time(fn, repeats, warmup)
+    return items / median, times
 
 
 def _photo(portrait: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -32,6 +32,15 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+def _nvidia_smi(field: str) -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=True, timeout=20).stdout
+        return out.strip().splitlines()[0] if out.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment() -> dict:
     versions = {}
     for name in PACKAGES:
@@ -39,16 +48,18 @@ def environment() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    gpu = None
+    gpu = driver = cuda = None
     try:
         import torch
 
+        cuda = torch.version.cuda
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_name(0)
+            driver = _nvidia_smi("driver_version")
     except ImportError:
         pass
     return {
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "gpu": gpu,
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "gpu": gpu, "gpu_driver": driver, "cuda": cuda,
                     "platform": platform.platform(), "python": platform.python_version()},
         "versions": versions,
         "git_commit": _git("rev-parse", "HEAD"),

@@ -65,6 +65,17 @@ def selection_snapshot(payload: dict) -> dict:
     return {key: value for key, value in payload.items() if key not in RESUME_ONLY}
 
 
+def shipping_snapshot(payload: dict, dtype: torch.dtype = torch.float16) -> dict:
+    """A selection snapshot holding only the weights eval uses (the EMA when there is one), stored as
+    `dtype`: what ships (model/, the GPU check). Loading casts them back into the float32 model;
+    callers check that eval agrees with the full-precision checkpoint before shipping it."""
+    weights, which = eval_weights(payload)
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    snapshot = selection_snapshot(payload)
+    snapshot.update(model=cast if which == "model" else None, ema=cast if which == "ema" else None)
+    return snapshot
+
+
 def load_checkpoint(path: Path | str) -> dict:
     """Read a checkpoint safely (no code can run) and check its format."""
     path = Path(path)

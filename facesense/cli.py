@@ -209,6 +209,29 @@ def bench_pack(
     run(data, csv, repeats, json_path)
 
 
+@bench_app.command("augment")
+def bench_augment(
+    device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda, cuda:N."),
+    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated output sizes."),
+    dtypes: str = typer.Option("float16,bfloat16", "--dtypes", help="Comma-separated output dtypes: float32, float16, bfloat16."),
+    channels: int = typer.Option(3, "--channels", help="Output channels (1 or 3)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Samples per call."),
+    dataset_size: int = typer.Option(28709, "--dataset-size", help="Resident uint8 images to gather from (FER2013 train)."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed calls first (include Triton's compile)."),
+    repeats: int = typer.Option(7, "--repeats", help="Timed repeats (median reported)."),
+    iters: int = typer.Option(10, "--iters", help="Calls per timed repeat."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write results (e.g. benchmarks/results/augment-h100.json)."),
+):
+    """Augmentation images/s: the pure-torch reference vs the fused Triton kernel (CUDA)."""
+    from benchmarks.bench_augment import run
+
+    try:
+        run(device, [int(s) for s in _csv(sizes)], _csv(dtypes), channels, batch_size, dataset_size, warmup,
+            repeats, iters, json_path)
+    except ValueError as exc:
+        fail(str(exc))
+
+
 @bench_app.command("loader")
 def bench_loader(
     data: Path = typer.Option(Path("data/shards"), "--data", help="Shard directory."),

@@ -67,3 +67,19 @@ def test_data_wait_on_cuda_sees_device_work():
         x = x @ x / 4096  # "augmentation" that the host only launches
     wait.stop()
     assert wait.seconds() > 0.001
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_steps_with_default_amp_and_compile(tmp_path):
+    """The GPU path of facesense train: resident loader + Triton, AMP on by default, torch.compile."""
+    from typer.testing import CliRunner
+
+    from facesense.cli import app
+    from train_helpers import make_shards, train_args
+
+    data = make_shards(tmp_path / "shards")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, train_args(data, out, "--device", "cuda", "--compile", "--max-steps", "4"))
+    assert result.exit_code == 0, result.output
+    config = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]
+    assert config["amp"] is True and config["compile"] is True

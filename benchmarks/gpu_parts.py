@@ -1,0 +1,237 @@
+"""The parts of the GPU check (`benchmarks/gpu_check.py`), one per process.
+
+    python -m benchmarks.gpu_parts PART SETTINGS.json RESULT.json
+
+The check runs every part in its own process with a time box, so a crash, a hang or a
+CUDA error in one part never loses the others. A part writes its figures to RESULT.json
+as {"status": "ok" | "skipped", ...}; a part that raises is reported as failed by the
+check, with the last lines of its output.
+
+Settings (a JSON object): data, scratch (a folder for the part's files), smoke (tiny sizes
+on CPU), deadline_s (seconds this part may take; the accuracy part stops its training
+early enough to evaluate what it has).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = "test_efficientnet"  # timm's ~100k-parameter EfficientNet: the real code path, seconds on a CPU
+
+# What the issue measures against (figures, not assertions).
+TARGETS = {"triton_224_fp16_images_per_s": 200_000, "end_to_end_over_ceiling": 0.97,
+           "resident_over_dataloader_224": 10.0, "val_accuracy": 0.70}
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def has_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+# --------------------------------------------------------------------------------------
+# tests: the CUDA tests (Triton compiled vs reference, DALI GPU, CUDA loaders, AMP + compile step)
+# --------------------------------------------------------------------------------------
+
+def part_tests(settings: dict) -> dict:
+    if settings["smoke"]:  # the same path on a selection that runs in seconds on a CPU
+        selection = ["tests/test_amp.py"]
+    else:
+        selection = ["tests/test_kernels.py", "tests/test_amp.py", "tests/test_loaders.py::test_gpu_loaders_return_cuda_channels_last"]
+        if has_dali():
+            selection += ["tests/test_dali.py"]
+    log = Path(settings["scratch"]) / "tests.log"
+    timeout = max(10, settings["deadline_s"] - 5)
+    with open(log, "w") as fh:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *selection],
+                                  cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    text = log.read_text()
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", text.splitlines()[-1]
+                                               if text.strip() else "")}
+    result = {"selection": selection, "counts": counts, "log": "tests.log",
+              "dali": "installed" if has_dali() else "skipped: DALI not installed"}
+    if code is None:
+        return {**result, "status": "failed", "error": f"pytest timed out after {timeout:.0f} s"}
+    return {**result, "status": "ok" if code == 0 else "failed",
+            **({} if code == 0 else {"error": "\n".join(text.splitlines()[-15:])})}
+
+
+# --------------------------------------------------------------------------------------
+# augment: Triton vs reference images/s at 48/112/224, fp16/bf16
+# --------------------------------------------------------------------------------------
+
+def part_augment(settings: dict) -> dict:
+    from benchmarks.bench_augment import run
+
+    if settings["smoke"]:
+        payload = run("cpu", [48], ["float16"], 3, 64, 512, 1, 1, 1, None)
+    else:
+        payload = run("cuda", [48, 112, 224], ["float16", "bfloat16"], 3, 1024, 28709, 5, 5, 10, None)
+    rows = payload["results"]
+    at_224 = next((r for r in rows if r["size"] == 224 and r["dtype"] == "float16" and "triton" in r), None)
+    target = None
+    if at_224:
+        value = at_224["triton"]["images_per_s"]
+        target = {"value": value, "target": TARGETS["triton_224_fp16_images_per_s"],
+                  "met": value >= TARGETS["triton_224_fp16_images_per_s"]}
+    return {"status": "ok", "results": rows, "notes": payload["notes"], "target_triton_224_fp16": target}
+
+
+# --------------------------------------------------------------------------------------
+# loader: resident (Triton), dali, dataloader at 48/112/224
+# --------------------------------------------------------------------------------------
+
+def part_loader(settings: dict) -> dict:
+    from benchmarks.bench_loader import run
+
+    kinds = ["resident", "dataloader"] + (["dali"] if has_dali() else [])
+    notes = [] if has_dali() else ["dali skipped: DALI not installed"]
+    json_path = Path(settings["scratch"]) / "loader.json"
+    if settings["smoke"]:
+        payload = run(Path(settings["data"]), kinds, [48], 2, 16, "train", "float32", 3, 1, 1, 0, "cpu", json_path)
+    else:
+        workers = min(8, os.cpu_count() or 1)
+        payload = run(Path(settings["data"]), kinds, [48, 112, 224], 20, 256, "train", "float16", 3, 3, 3, workers,
+                      "cuda", json_path)
+    return {"status": "ok", "results": payload["results"], "notes": notes}
+
+
+# --------------------------------------------------------------------------------------
+# train: synthetic ceiling vs end to end per loader, AMP bf16, channels-last, compiled
+# --------------------------------------------------------------------------------------
+
+def part_train(settings: dict) -> dict:
+    from benchmarks.bench_train import run
+
+    loaders = ["resident", "dataloader"] + (["dali"] if has_dali() else [])
+    json_path = Path(settings["scratch"]) / "train.json"
+    if settings["smoke"]:
+        payload = run(Path(settings["data"]), [48], ["eager-fp32-cl"], loaders, TINY_MODEL, 1, 16, 2, 1, 1, "cpu",
+                      json_path)
+    else:
+        payload = run(Path(settings["data"]), [48, 112, 224], ["compiled-amp-cl", "eager-amp-cl"], loaders,
+                      "efficientnet_b0", 1, 256, 20, 5, 3, "cuda", json_path)
+    ratios = payload["end_to_end_over_ceiling"]
+    rows = payload["results"]
+    compile_s = {str(r["size"]): r["warmup_s"] for r in rows
+                 if r["mode"] == "synthetic" and r["variant"].startswith("compiled")}
+
+    def rate(size: int, loader: str):
+        return next((r["images_per_s"] for r in rows if r["size"] == size and r["mode"] == "end_to_end"
+                     and r["loader"] == loader and "images_per_s" in r), None)
+
+    big = max(int(s) for s in ratios)
+    resident, baseline = rate(big, "resident"), rate(big, "dataloader")
+    return {"status": "ok", "results": rows, "end_to_end_over_ceiling": ratios, "warmup_incl_compile_s": compile_s,
+            "targets": {
+                "end_to_end_over_ceiling": {size: {"value": r.get("resident"), "target": TARGETS["end_to_end_over_ceiling"],
+                                                   "met": (r.get("resident") or 0) >= TARGETS["end_to_end_over_ceiling"]}
+                                            for size, r in ratios.items()},
+                f"resident_over_dataloader_{big}": {
+                    "value": resident / baseline if resident and baseline else None,
+                    "target": TARGETS["resident_over_dataloader_224"],
+                    "met": bool(resident and baseline and resident / baseline >= TARGETS["resident_over_dataloader_224"])}}}
+
+
+# --------------------------------------------------------------------------------------
+# accuracy: the GPU recipe on the real data, time-boxed, selected on val, evaluated on val and test
+# --------------------------------------------------------------------------------------
+
+EVAL_RESERVE_S = 60  # kept back from the training's time box for the evaluations and the fp16 check
+
+
+def part_accuracy(settings: dict) -> dict:
+    from facesense.checkpoint import load_checkpoint, save_checkpoint, shipping_snapshot
+    from facesense.evaluate import evaluate_checkpoint
+    from pipeline.shards import load_manifest
+
+    scratch = Path(settings["scratch"])
+    run_dir = scratch / "run"
+    args = ["train", "--config", str(ROOT / "recipes" / "gpu.toml"), "--data", settings["data"], "--out", str(run_dir),
+            "--overwrite"]
+    if settings["smoke"]:
+        args += ["--model", TINY_MODEL, "--img-size", "48", "--batch-size", "16", "--epochs", "2", "--max-steps", "6",
+                 "--device", "cpu", "--no-compile", "--workers", "0", "--log-every", "2"]
+    box = max(10.0, settings["deadline_s"] - EVAL_RESERVE_S)
+    start = time.perf_counter()
+    with open(scratch / "train.log", "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "facesense", *args], cwd=ROOT, env=_env(), stdout=fh,
+                                stderr=subprocess.STDOUT)
+        try:
+            code, boxed = proc.wait(timeout=box), False
+        except subprocess.TimeoutExpired:  # the time box: stop it, keep the best epoch it finished
+            proc.terminate()
+            code, boxed = proc.wait(timeout=30), True
+    train_s = time.perf_counter() - start
+    best = run_dir / "best.pt"
+    if not best.is_file():
+        tail = "\n".join((scratch / "train.log").read_text().splitlines()[-15:])
+        raise RuntimeError(f"training wrote no best.pt (exit {code}, {train_s:.0f} s):\n{tail}")
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    # Ship the selected weights in fp16 (half the size) only if eval agrees with full precision.
+    ckpt = load_checkpoint(best)
+    shipped = scratch / "best-fp16.pt"
+    save_checkpoint(shipped, shipping_snapshot(ckpt))
+    device = "cpu" if settings["smoke"] else "cuda"
+    full = evaluate_checkpoint(best, Path(settings["data"]), "val", scratch / "eval-fp32", device=device)
+    half = evaluate_checkpoint(shipped, Path(settings["data"]), "val", scratch / "eval-val", device=device)
+    crops = evaluate_checkpoint(shipped, Path(settings["data"]), "val", scratch / "eval-val-crops", tta="crops",
+                                device=device)
+    has_test = load_manifest(settings["data"])["splits"]["test"]["count"] > 0
+    test = evaluate_checkpoint(shipped, Path(settings["data"]), "test", scratch / "eval-test", device=device) \
+        if has_test else None
+    figures = ("accuracy", "auc_macro_ovr", "f1_weighted")
+    top = max(history, key=lambda r: r["val_accuracy"])
+    return {
+        "status": "ok", "recipe": "recipes/gpu.toml", "smoke": settings["smoke"],
+        "time_boxed": boxed, "train_exit_code": code, "train_wall_s": train_s,
+        "epochs_done": len(history), "training_s": sum(r["epoch_time_s"] for r in history),
+        "selected_epoch": top["epoch"],
+        "val": {k: half[k] for k in figures}, "val_tta_crops": {k: crops[k] for k in figures},
+        "test": {k: test[k] for k in figures} if test else None,
+        "fp16_vs_fp32_val_accuracy": [half["accuracy"], full["accuracy"]],
+        "fp16_agrees": abs(half["accuracy"] - full["accuracy"]) <= 0.001,
+        "target_val_accuracy": {"value": half["accuracy"], "target": TARGETS["val_accuracy"],
+                                "met": half["accuracy"] >= TARGETS["val_accuracy"]},
+        "files": {"best.pt": str(shipped if abs(half["accuracy"] - full["accuracy"]) <= 0.001 else best),
+                  "metrics.jsonl": str(run_dir / "metrics.jsonl"),
+                  "report.json": str(scratch / ("eval-test" if test else "eval-val") / "report.json")},
+    }
+
+
+PARTS = {"tests": part_tests, "augment": part_augment, "loader": part_loader, "train": part_train,
+         "accuracy": part_accuracy}
+
+
+def main(argv: list[str]) -> None:
+    name, settings_path, result_path = argv
+    settings = json.loads(Path(settings_path).read_text())
+    result = PARTS[name](settings)
+    Path(result_path).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
