@@ -37,7 +37,7 @@ def test_smoke_gpu_json_has_every_part_with_a_status(smoke):
     _, out, _ = smoke
     report = json.loads((out / "gpu.json").read_text())
     assert set(PARTS) | {"env"} <= set(report)
-    assert report["env"]["versions"]["torch"] == torch.__version__ and report["env"]["git_commit"]
+    assert torch.__version__.startswith(report["env"]["versions"]["torch"]) and report["env"]["git_commit"]
     for part in PARTS:
         assert report[part]["status"] == "ok", (part, report[part])
     assert report["tests"]["counts"]["passed"] > 0
