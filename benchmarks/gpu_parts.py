@@ -43,6 +43,11 @@ def has_dali() -> bool:
     return True
 
 
+def save_partial(settings: dict, result: dict) -> None:
+    """Write what is finished so far: if the time box ends this part, the check keeps it."""
+    Path(settings["result"]).write_text(json.dumps({**result, "partial": True}, indent=1, default=str) + "\n")
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
@@ -85,18 +90,22 @@ def part_tests(settings: dict) -> dict:
 def part_augment(settings: dict) -> dict:
     from benchmarks.bench_augment import run
 
-    if settings["smoke"]:
-        payload = run("cpu", [48], ["float16"], 3, 64, 512, 1, 1, 1, None)
-    else:
-        payload = run("cuda", [48, 112, 224], ["float16", "bfloat16"], 3, 1024, 28709, 5, 5, 10, None)
-    rows = payload["results"]
+    rows, notes = [], []
+    for size in [48] if settings["smoke"] else [48, 112, 224]:  # one size at a time: a time box keeps the rest
+        if settings["smoke"]:
+            payload = run("cpu", [size], ["float16"], 3, 64, 512, 1, 1, 1, None)
+        else:
+            payload = run("cuda", [size], ["float16", "bfloat16"], 3, 1024, 28709, 5, 5, 10, None)
+        rows += payload["results"]
+        notes = payload["notes"]
+        save_partial(settings, {"status": "ok", "results": rows, "notes": notes})
     at_224 = next((r for r in rows if r["size"] == 224 and r["dtype"] == "float16" and "triton" in r), None)
     target = None
     if at_224:
         value = at_224["triton"]["images_per_s"]
         target = {"value": value, "target": TARGETS["triton_224_fp16_images_per_s"],
                   "met": value >= TARGETS["triton_224_fp16_images_per_s"]}
-    return {"status": "ok", "results": rows, "notes": payload["notes"], "target_triton_224_fp16": target}
+    return {"status": "ok", "results": rows, "notes": notes, "target_triton_224_fp16": target}
 
 
 # --------------------------------------------------------------------------------------
@@ -109,13 +118,17 @@ def part_loader(settings: dict) -> dict:
     kinds = ["resident", "dataloader"] + (["dali"] if has_dali() else [])
     notes = [] if has_dali() else ["dali skipped: DALI not installed"]
     json_path = Path(settings["scratch"]) / "loader.json"
-    if settings["smoke"]:
-        payload = run(Path(settings["data"]), kinds, [48], 2, 16, "train", "float32", 3, 1, 1, 0, "cpu", json_path)
-    else:
-        workers = min(8, os.cpu_count() or 1)
-        payload = run(Path(settings["data"]), kinds, [48, 112, 224], 20, 256, "train", "float16", 3, 3, 3, workers,
-                      "cuda", json_path)
-    return {"status": "ok", "results": payload["results"], "notes": notes}
+    rows = []
+    for size in [48] if settings["smoke"] else [48, 112, 224]:
+        if settings["smoke"]:
+            payload = run(Path(settings["data"]), kinds, [size], 2, 16, "train", "float32", 3, 1, 1, 0, "cpu",
+                          json_path)
+        else:
+            payload = run(Path(settings["data"]), kinds, [size], 20, 256, "train", "float16", 3, 3, 3,
+                          min(8, os.cpu_count() or 1), "cuda", json_path)
+        rows += payload["results"]
+        save_partial(settings, {"status": "ok", "results": rows, "notes": notes})
+    return {"status": "ok", "results": rows, "notes": notes}
 
 
 # --------------------------------------------------------------------------------------
@@ -127,14 +140,17 @@ def part_train(settings: dict) -> dict:
 
     loaders = ["resident", "dataloader"] + (["dali"] if has_dali() else [])
     json_path = Path(settings["scratch"]) / "train.json"
-    if settings["smoke"]:
-        payload = run(Path(settings["data"]), [48], ["eager-fp32-cl"], loaders, TINY_MODEL, 1, 16, 2, 1, 1, "cpu",
-                      json_path)
-    else:
-        payload = run(Path(settings["data"]), [48, 112, 224], ["compiled-amp-cl", "eager-amp-cl"], loaders,
-                      "efficientnet_b0", 1, 256, 20, 5, 3, "cuda", json_path)
-    ratios = payload["end_to_end_over_ceiling"]
-    rows = payload["results"]
+    rows, ratios = [], {}
+    for size in [48] if settings["smoke"] else [48, 112, 224]:  # one size at a time: a time box keeps the rest
+        if settings["smoke"]:
+            payload = run(Path(settings["data"]), [size], ["eager-fp32-cl"], loaders, TINY_MODEL, 1, 16, 2, 1, 1,
+                          "cpu", json_path)
+        else:
+            payload = run(Path(settings["data"]), [size], ["compiled-amp-cl", "eager-amp-cl"], loaders,
+                          "efficientnet_b0", 1, 256, 20, 5, 3, "cuda", json_path)
+        rows += payload["results"]
+        ratios.update(payload["end_to_end_over_ceiling"])
+        save_partial(settings, {"status": "ok", "results": rows, "end_to_end_over_ceiling": ratios})
     compile_s = {str(r["size"]): r["warmup_s"] for r in rows
                  if r["mode"] == "synthetic" and r["variant"].startswith("compiled")}
 
@@ -228,7 +244,7 @@ PARTS = {"tests": part_tests, "augment": part_augment, "loader": part_loader, "t
 
 def main(argv: list[str]) -> None:
     name, settings_path, result_path = argv
-    settings = json.loads(Path(settings_path).read_text())
+    settings = {**json.loads(Path(settings_path).read_text()), "result": result_path}
     result = PARTS[name](settings)
     Path(result_path).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
