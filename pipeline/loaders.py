@@ -125,10 +125,10 @@ class Loader:
         b = self.cfg.batch_size
         return [order[i * b:(i + 1) * b] for i in range(len(self))]
 
-    def batch_slices(self) -> list[slice]:
-        """Positions in the epoch plan of each batch still to run in this epoch."""
+    def batch_slices(self, start: int) -> list[slice]:
+        """Positions in the epoch plan of each batch from batch `start` to the epoch's end."""
         b, n = self.cfg.batch_size, self.num_samples
-        return [slice(i * b, min((i + 1) * b, n)) for i in range(self.start_batch, len(self))]
+        return [slice(i * b, min((i + 1) * b, n)) for i in range(start, len(self))]
 
     def plan(self, epoch: int, device) -> "EpochPlan":
         """The epoch's order and augmentation parameters, drawn once (identity params in eval mode)."""
@@ -175,7 +175,7 @@ class ResidentLoader(Loader):
             from kernels.triton_augment import kernel_params
 
             params = kernel_params(params, self.out.size, self.device)
-        for part in self.batch_slices():
+        for part in self.batch_slices(self.start_batch):
             yield self.augment(self.images, plan.order[part], params[part], self.out), labels[part]
 
 
@@ -211,9 +211,7 @@ class DaliLoader(Loader):
         plan = self.plan(epoch, "cpu")
         order = plan.order.numpy()
         arrays = dali_param_arrays(plan.params, self.images.shape[1:], self.out)  # the whole epoch at once
-        b = self.cfg.batch_size
-        for i in range(start, len(self)):
-            rows = slice(i * b, min((i + 1) * b, len(order)))
+        for rows in self.batch_slices(start):
             idx = order[rows]
             yield self.images[idx], self.labels[idx], {k: v[rows] for k, v in arrays.items()}
 

@@ -23,7 +23,7 @@ from facesense.errors import FaceSenseError
 from facesense.rundir import LOCK, RunLock
 from pipeline.classes import FER2013_CLASSES
 from pipeline.shards import FORMAT_VERSION, MANIFEST, split_entry, write_shard
-from train_helpers import MODEL, ROOT, child_env, make_shards, train_args
+from train_helpers import MODEL, ROOT, child_env, make_shards, train_args, wrap_train_batches
 
 runner = CliRunner()
 
@@ -167,25 +167,12 @@ def test_memory_estimate_grows_with_the_image_area():
 # ------------------------------------------------------------------ stops before the first checkpoint
 
 def poison_loader(monkeypatch, what):
-    import pipeline.loaders as loaders
+    def poison(loader, images, labels):
+        if what == "interrupt":
+            raise KeyboardInterrupt
+        return images * float("nan"), labels
 
-    make_loader = loaders.make_loader
-
-    def poisoned(data_dir, split, cfg, device):
-        loader = make_loader(data_dir, split, cfg, device)
-        if cfg.train:
-            inner = type(loader).__iter__
-
-            def iterate(self):
-                for images, labels in inner(self):
-                    if what == "interrupt":
-                        raise KeyboardInterrupt
-                    yield images * float("nan"), labels
-
-            loader.__class__ = type("Poisoned", (type(loader),), {"__iter__": iterate})
-        return loader
-
-    monkeypatch.setattr(loaders, "make_loader", poisoned)
+    wrap_train_batches(monkeypatch, poison)
 
 
 def test_ctrl_c_before_the_first_checkpoint_does_not_suggest_resume_and_leaves_no_dir(data, tmp_path,

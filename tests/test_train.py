@@ -18,7 +18,7 @@ from facesense.cli import app
 from facesense.errors import FaceSenseError
 from facesense.model import create_model
 from facesense.optim import warmup_cosine
-from train_helpers import MODEL, ROOT, child_env, free_port, make_shards, run_cli, train_args
+from train_helpers import MODEL, ROOT, child_env, free_port, make_shards, run_cli, train_args, wrap_train_batches
 
 runner = CliRunner()
 DETERMINISTIC_KEYS = ("epoch", "step", "steps_in_epoch", "train_loss", "val_accuracy", "val_auc_macro_ovr",
@@ -171,23 +171,8 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
 # ------------------------------------------------------------------ NaN stop
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
-    import pipeline.loaders as loaders
-
-    make_loader = loaders.make_loader
-
-    def poisoned(data_dir, split, cfg, device):
-        loader = make_loader(data_dir, split, cfg, device)
-        if cfg.train:
-            inner = type(loader).__iter__
-
-            def iterate(self):
-                for images, labels in inner(self):
-                    yield (images * float("nan") if self.epoch >= 1 else images), labels
-
-            loader.__class__ = type("Poisoned", (type(loader),), {"__iter__": iterate})
-        return loader
-
-    monkeypatch.setattr(loaders, "make_loader", poisoned)
+    wrap_train_batches(monkeypatch, lambda loader, images, labels:
+                       (images * float("nan") if loader.epoch >= 1 else images, labels))
     out = tmp_path / "run"
     result = invoke(train_args(data, out, "--epochs", "3"))
     assert result.exit_code == 1

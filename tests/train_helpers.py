@@ -64,6 +64,27 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--workers", "0", "--lr", "0.01", "--warmup-epochs", "0.5", *extra]
 
 
+def wrap_train_batches(monkeypatch, transform) -> None:
+    """Every training loader made from now on passes its batches through transform(loader, images, labels)."""
+    import pipeline.loaders as loaders
+
+    make_loader = loaders.make_loader
+
+    def wrapped(data_dir, split, cfg, device):
+        loader = make_loader(data_dir, split, cfg, device)
+        if cfg.train:
+            inner = type(loader).__iter__
+
+            def iterate(self):
+                for images, labels in inner(self):
+                    yield transform(self, images, labels)
+
+            loader.__class__ = type("Wrapped" + type(loader).__name__, (type(loader),), {"__iter__": iterate})
+        return loader
+
+    monkeypatch.setattr(loaders, "make_loader", wrapped)
+
+
 def child_env(**extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for key in ("FS_KILL_AFTER_STEPS", "FS_DUMP_WEIGHTS"):
