@@ -74,10 +74,10 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
     import torch
     from rich.console import Console
 
-    from facesense.classifier import OnnxClassifier, load_classifier
-    from facesense.export import export
-    from facesense.faces import HaarDetector, find_faces, to_gray
-    from facesense.predict import Options, predict
+    from facesense.infer.classifier import OnnxClassifier, load_classifier
+    from facesense.infer.export import export
+    from facesense.infer.faces import HaarDetector, find_faces, to_gray
+    from facesense.infer.predict import Options, predict
 
     console = Console()
     faces, _ = _faces(data, batch_size)
@@ -140,8 +140,8 @@ def margin_sweep(model: Path, data: Path, margins: list[float], limit: int, json
     import cv2
     from rich.console import Console
 
-    from facesense.classifier import load_classifier
-    from facesense.faces import HaarDetector, resize_face, square_crop
+    from facesense.infer.classifier import load_classifier
+    from facesense.infer.faces import HaarDetector, resize_face, square_crop
 
     console = Console()
     faces, labels = _faces(data, limit)

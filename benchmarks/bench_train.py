@@ -10,7 +10,7 @@ Per image size:
 Warm-up steps first (they include compilation; their time is reported apart as
 `warmup_s`), then --repeats timed runs of --steps steps, synchronised; the median run
 is reported. Each compiled variant starts from a reset dynamo state. The step is facesense train's:
-model from facesense.model, AdamW from facesense.optim, AMP from facesense.runtime.
+model from facesense.core.model, AdamW from facesense.train.optim, AMP from facesense.core.runtime.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.env import write_result
-from facesense.config import TrainConfig
-from facesense.model import create_model
-from facesense.optim import make_optimizer
-from facesense.runtime import amp_setup
+from facesense.core.config import TrainConfig
+from facesense.core.model import create_model
+from facesense.train.optim import make_optimizer
+from facesense.core.runtime import amp_setup
 from pipeline.loaders import LoaderConfig, make_loader
 from pipeline.shards import load_manifest
 

@@ -179,8 +179,8 @@ EVAL_RESERVE_S = 60  # kept back from the training's time box for the evaluation
 
 
 def part_accuracy(settings: dict) -> dict:
-    from facesense.checkpoint import load_checkpoint, save_checkpoint, shipping_snapshot
-    from facesense.evaluate import evaluate_checkpoint
+    from facesense.core.checkpoint import load_checkpoint, save_checkpoint, shipping_snapshot
+    from facesense.eval.metrics import evaluate_checkpoint
     from pipeline.shards import load_manifest
 
     scratch = Path(settings["scratch"])

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 from pipeline.errors import PackError, ShardError
 
 app = typer.Typer(help="FaceSense: fast, honest facial-expression training on FER2013.",
@@ -77,7 +77,7 @@ def verify(data: Path = typer.Argument(..., help="Shard directory written by fac
 
 def _train_options(func):
     """Give `func` one option per TrainConfig field; each field's comment is its --help text."""
-    from facesense.config import TrainConfig, field_help, field_types
+    from facesense.core.config import TrainConfig, field_help, field_types
 
     helps, types = field_help(), field_types()
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
@@ -99,7 +99,7 @@ def _train_options(func):
 @_train_options
 def train_command(ctx: typer.Context, config: Optional[Path], **options):
     """Train on packed shards: selects on val (PublicTest), never reads test; checkpoints into --out."""
-    from facesense.config import resolve_config
+    from facesense.core.config import resolve_config
 
     # Only options typed on the command line override the config file (typer bundles its own
     # click, so compare ParameterSource by name).
@@ -108,7 +108,7 @@ def train_command(ctx: typer.Context, config: Optional[Path], **options):
     cfg = None
     try:
         cfg = resolve_config(config, given)
-        from facesense.train import train
+        from facesense.train.loop import train
 
         train(cfg)
     except (FaceSenseError, ShardError) as exc:
@@ -134,7 +134,7 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda or cuda:N."),
 ):
     """Accuracy, macro OvR ROC AUC, weighted F1, per-class report and confusion matrix of a checkpoint."""
-    from facesense.evaluate import evaluate_checkpoint
+    from facesense.eval.metrics import evaluate_checkpoint
 
     try:
         evaluate_checkpoint(checkpoint, data, split, out, tta, batch_size, loader, workers, device, overwrite=overwrite)
@@ -160,8 +160,8 @@ def predict_command(
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda or cuda:N."),
 ):
     """Detect faces in photos, folders and videos and classify their expression: OUT/predictions.jsonl."""
-    from facesense.faces import DEFAULT_MARGIN
-    from facesense.predict import Options, predict, summary_lines
+    from facesense.infer.faces import DEFAULT_MARGIN
+    from facesense.infer.predict import Options, predict, summary_lines
 
     opts = Options(detector=detector, min_face=min_face, margin=DEFAULT_MARGIN if margin is None else margin,
                    save_annotated=save_annotated, vid_stride=vid_stride, batch_size=batch_size, device=device)
@@ -185,7 +185,7 @@ def export_command(
     out: Path = typer.Option(..., "--out", help="File to write (e.g. model.onnx, model.ts)."),
 ):
     """Export the checkpoint's eval model (EMA weights if kept) with a dynamic batch size and its metadata."""
-    from facesense.export import export
+    from facesense.infer.export import export
 
     try:
         meta = export(checkpoint, format, out)

@@ -6,7 +6,17 @@ import os
 from pathlib import Path
 
 
-class PackError(Exception):
+class FaceSenseError(Exception):
+    """Every problem a user can cause and fix (bad option, data, checkpoint): the message says how.
+
+    The root of all of them, here at the bottom of the layers so `pipeline` can raise it too;
+    `facesense.cli.main` catches it once and prints `error: <message>` with `exit_code`.
+    """
+
+    exit_code = 1
+
+
+class PackError(FaceSenseError):
     """Bad input to `facesense pack`; nothing is written when it is raised."""
 
 
@@ -19,7 +29,7 @@ class BadItem(PackError):
         self.reason = reason
 
 
-class ShardError(Exception):
+class ShardError(FaceSenseError):
     """A shard directory that is missing, corrupt, or of an unknown format version."""
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facesense.checkpoint import save_checkpoint
-from facesense.config import TrainConfig
-from facesense.model import create_model
+from facesense.core.checkpoint import save_checkpoint
+from facesense.core.config import TrainConfig
+from facesense.core.model import create_model
 from pipeline.classes import FER2013_CLASSES
 from train_helpers import MODEL, ROOT
 
@@ -42,7 +42,7 @@ def make_checkpoint(path: Path, *, img_size: int = 48, channels: int = 1, ema: b
 
 def torch_logits(checkpoint: Path, x: torch.Tensor, which: str = "auto") -> torch.Tensor:
     """The checkpoint's network in plain PyTorch (eval mode) on a prepared batch."""
-    from facesense.checkpoint import eval_weights, load_checkpoint
+    from facesense.core.checkpoint import eval_weights, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt["config"]

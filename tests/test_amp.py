@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facesense import runtime
-from facesense.config import TrainConfig
+from facesense.core import runtime
+from facesense.core.config import TrainConfig
 
 
 def test_amp_default_is_on_for_cuda_off_for_cpu():

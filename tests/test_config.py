@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from facesense.cli import app
-from facesense.config import (TrainConfig, config_from_dict, field_help, load_config_file, resolve_config,
+from facesense.core.config import (TrainConfig, config_from_dict, field_help, load_config_file, resolve_config,
                               resume_differences)
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 
 runner = CliRunner()
 
@@ -47,7 +47,7 @@ def test_toml_and_yaml_files(tmp_path):
 
 def test_command_line_wins_over_file_and_defaults_do_not(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("facesense.train.train", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr("facesense.train.loop.train", lambda cfg: seen.setdefault("cfg", cfg))
     path = tmp_path / "c.toml"
     path.write_text('model = "resnet18"\nepochs = 5\nbatch_size = 64\ncompile = false\namp = true\n')
     result = runner.invoke(app, ["train", "--config", str(path), "--epochs", "9", "--no-amp"])

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from facesense.cli import app
-from facesense.evaluate import compute_metrics
+from facesense.eval.metrics import compute_metrics
 from train_helpers import make_shards, train_args
 
 runner = CliRunner()

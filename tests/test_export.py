@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from facesense.cli import app
-from facesense.faces import Preprocess, model_input
+from facesense.infer.faces import Preprocess, model_input
 from pipeline.classes import FER2013_CLASSES
 from predict_helpers import fer_val, make_checkpoint, read_jsonl, torch_logits, write_astronaut
 

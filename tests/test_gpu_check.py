@@ -51,7 +51,7 @@ def test_smoke_gpu_json_has_every_part_with_a_status(smoke):
 
 def test_smoke_outputs_are_usable(smoke):
     data, out, _ = smoke
-    from facesense.checkpoint import load_checkpoint
+    from facesense.core.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(out / "best.pt")
     weights = ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"]

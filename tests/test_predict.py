@@ -127,11 +127,11 @@ def test_detector_none_matches_eval_on_fer_val(tmp_path):
     if found is None:
         pytest.skip("needs data/shards packed from ../shared/fer2013")
     images, labels, files = found
-    from facesense.checkpoint import load_checkpoint
-    from facesense.config import config_from_dict
-    from facesense.data import open_split
-    from facesense.evaluate import predict as eval_predict
-    from facesense.model import create_model
+    from facesense.core.checkpoint import load_checkpoint
+    from facesense.core.config import config_from_dict
+    from facesense.core.data import open_split
+    from facesense.eval.metrics import predict as eval_predict
+    from facesense.core.model import create_model
     from pipeline.shards import FORMAT_VERSION, MANIFEST, split_entry, write_shard
 
     ckpt = make_checkpoint(tmp_path / "c.pt", img_size=64, channels=3)  # exercises the 48 -> 64 resize too

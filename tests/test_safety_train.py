@@ -17,10 +17,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from facesense.checkpoint import save_checkpoint
+from facesense.core.checkpoint import save_checkpoint
 from facesense.cli import app
-from facesense.errors import FaceSenseError
-from facesense.rundir import LOCK, RunLock
+from facesense.core.errors import FaceSenseError
+from facesense.train.rundir import LOCK, RunLock
 from pipeline.classes import FER2013_CLASSES
 from pipeline.shards import FORMAT_VERSION, MANIFEST, split_entry, write_shard
 from train_helpers import MODEL, ROOT, child_env, make_shards, train_args, wrap_train_batches
@@ -91,7 +91,7 @@ def test_a_second_train_into_a_locked_out_fails_at_once(data, tmp_path):
 
 def test_a_lock_left_by_a_killed_train_does_not_block(data, tmp_path):
     out = tmp_path / "run"
-    code = (f"import os, signal; from facesense.rundir import RunLock; RunLock({str(out)!r}).acquire(); "
+    code = (f"import os, signal; from facesense.train.rundir import RunLock; RunLock({str(out)!r}).acquire(); "
             f"os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), timeout=60)
     assert proc.returncode == -9 and (out / LOCK).exists()
@@ -146,7 +146,7 @@ def test_classes_missing_from_val_or_train_are_warned_about(tmp_path):
 # ------------------------------------------------------------------ memory
 
 def test_a_configuration_that_cannot_fit_is_refused_before_training(data, tmp_path, monkeypatch):
-    import facesense.memory as memory
+    import facesense.train.memory as memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 50 * 2**20)  # 50 MB free
     line = error_line(invoke(quick(data, tmp_path / "run", "--img-size", "512", "--batch-size", "32")))
@@ -155,8 +155,8 @@ def test_a_configuration_that_cannot_fit_is_refused_before_training(data, tmp_pa
 
 
 def test_memory_estimate_grows_with_the_image_area():
-    from facesense.memory import activation_bytes
-    from facesense.model import create_model
+    from facesense.train.memory import activation_bytes
+    from facesense.core.model import create_model
 
     model = create_model(MODEL, 1, 7)
     small, large = activation_bytes(model, 1, 48), activation_bytes(model, 1, 96)
@@ -193,7 +193,7 @@ def test_nan_before_the_first_checkpoint_says_nothing_was_saved(data, tmp_path, 
 
 
 def test_non_finite_val_outputs_stop_the_run_like_a_nan_loss(data, tmp_path, monkeypatch):
-    import facesense.train as train_module
+    import facesense.train.loop as train_module
 
     predict = train_module.predict
 
@@ -221,7 +221,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
 # ------------------------------------------------------------------ config files
 
 def test_yaml_numbers_written_without_a_dot_are_accepted_for_float_options(tmp_path):
-    from facesense.config import load_config_file
+    from facesense.core.config import load_config_file
 
     (tmp_path / "c.yaml").write_text("lr: 1e-3\nweight_decay: 5E-2\nlabel_smoothing: .1\n")
     assert load_config_file(tmp_path / "c.yaml") == {"lr": 0.001, "weight_decay": 0.05, "label_smoothing": 0.1}
@@ -234,7 +234,7 @@ def test_yaml_numbers_written_without_a_dot_are_accepted_for_float_options(tmp_p
 def test_config_reads_toml_without_tomllib_as_on_python_3_10(tmp_path):
     (tmp_path / "c.toml").write_text('lr = 0.5\nmodel = "resnet18"\n')
     code = ("import sys, tomllib; sys.modules['tomli'] = tomllib; sys.modules['tomllib'] = None\n"
-            "from facesense.config import load_config_file\n"
+            "from facesense.core.config import load_config_file\n"
             f"print(load_config_file({str(tmp_path / 'c.toml')!r}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True,
                           text=True, timeout=60)
@@ -291,7 +291,7 @@ def test_eval_refuses_to_overwrite_another_checkpoints_report(data, trained, tmp
 
 
 def test_eval_out_that_is_a_file_fails_before_evaluating(data, trained, tmp_path, monkeypatch):
-    import facesense.evaluate as evaluate_module
+    import facesense.eval.metrics as evaluate_module
 
     def never(*args, **kwargs):
         raise AssertionError("evaluated although --out cannot be written")
@@ -303,7 +303,7 @@ def test_eval_out_that_is_a_file_fails_before_evaluating(data, trained, tmp_path
 
 
 def test_eval_of_non_finite_outputs_is_a_clear_error():
-    from facesense.evaluate import compute_metrics
+    from facesense.eval.metrics import compute_metrics
 
     probs = np.full((4, 7), 1 / 7)
     probs[1] = np.nan

@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from facesense.cli import app
-from facesense.errors import FaceSenseError
-from facesense.model import create_model
-from facesense.optim import warmup_cosine
+from facesense.core.errors import FaceSenseError
+from facesense.core.model import create_model
+from facesense.train.optim import warmup_cosine
 from train_helpers import MODEL, ROOT, child_env, free_port, make_shards, run_cli, train_args, wrap_train_batches
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from facesense.cli import app
-from facesense.evaluate import predict
+from facesense.eval.metrics import predict
 from kernels.spec import View, crop_views
 from pipeline.loaders import LoaderConfig, make_loader
 from train_helpers import make_shards, train_args, write_shards
@@ -81,7 +81,7 @@ def test_tta_on_a_constant_model_returns_its_prediction(ramp_shards, tta):
 
 
 def test_crops_need_a_loader_that_makes_views(ramp_shards):
-    from facesense.errors import FaceSenseError
+    from facesense.core.errors import FaceSenseError
 
     loader = make_loader(ramp_shards, "val", LoaderConfig(kind="dataloader", batch_size=4, train=False,
                                                           workers=0), "cpu")

@@ -132,7 +132,7 @@ def _install_hooks() -> None:
     if dump:
         import torch
 
-        import facesense.train as train_module
+        import facesense.train.loop as train_module
 
         train = train_module.train
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 18
@@ -25,10 +25,10 @@ OPSET = 18
 
 def export(checkpoint: Path, fmt: str, out: Path) -> dict:
     """Write the export to `out` atomically; returns its metadata."""
-    from facesense.checkpoint import eval_weights, load_checkpoint
-    from facesense.classifier import META_KEY, metadata
-    from facesense.config import config_from_dict
-    from facesense.model import create_model
+    from facesense.core.checkpoint import eval_weights, load_checkpoint
+    from facesense.infer.classifier import META_KEY, metadata
+    from facesense.core.config import config_from_dict
+    from facesense.core.model import create_model
     from pipeline.shards import sha256_file
 
     if fmt not in FORMATS:

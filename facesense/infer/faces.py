@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 
 # FFmpeg's own log lines ("moov atom not found") would precede our one-line error for a broken
 # video; silence them (read when cv2 loads, so before any import of it).

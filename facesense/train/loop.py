@@ -39,16 +39,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from facesense import datacheck, memory, runtime
-from facesense.checkpoint import load_checkpoint, save_checkpoint, selection_snapshot
-from facesense.config import TrainConfig, resume_differences
-from facesense.data import data_identity, open_split, read_manifest
-from facesense.errors import FaceSenseError
-from facesense.evaluate import compute_metrics, predict
-from facesense.model import check_input_size, create_model
-from facesense.optim import class_weights, make_ema, make_optimizer, warmup_cosine
-from facesense.progress import ProgressBar
-from facesense.rundir import RunLock, existing_run
+from facesense.core import datacheck
+
+from facesense.train import memory
+
+from facesense.core import runtime
+from facesense.core.checkpoint import load_checkpoint, save_checkpoint, selection_snapshot
+from facesense.core.config import TrainConfig, resume_differences
+from facesense.core.data import data_identity, open_split, read_manifest
+from facesense.core.errors import FaceSenseError
+from facesense.eval.metrics import compute_metrics, predict
+from facesense.core.model import check_input_size, create_model
+from facesense.train.optim import class_weights, make_ema, make_optimizer, warmup_cosine
+from facesense.train.progress import ProgressBar
+from facesense.train.rundir import RunLock, existing_run
 from pipeline.errors import mount_point, no_space
 
 OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "training_curves.png")
@@ -325,7 +329,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
 
 def _write_logs(out: Path, history: list[dict]) -> None:
     """metrics.jsonl (rewritten whole, so a resumed run never duplicates rows) and the curves."""
-    from facesense.plots import training_curves
+    from facesense.eval.plots import training_curves
 
     tmp = out / f".metrics.jsonl.tmp-{os.getpid()}"
     try:

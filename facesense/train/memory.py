@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 
 GB = 1e9
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facesense.errors import FaceSenseError
-from facesense.faces import DEFAULT_MARGIN, DETECTORS, HaarDetector, find_faces, read_image, to_gray
+from facesense.core.errors import FaceSenseError
+from facesense.infer.faces import DEFAULT_MARGIN, DETECTORS, HaarDetector, find_faces, read_image, to_gray
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
@@ -243,7 +243,7 @@ class Batcher:
 
 def predict(srcs: list[str], model: Path, out: Path, opts: Options, progress: bool = True, console=None) -> Report:
     """Run the model over every source; errors per source go into report.failed (and to the console)."""
-    from facesense.classifier import load_classifier
+    from facesense.infer.classifier import load_classifier
 
     if opts.detector not in DETECTORS:
         raise FaceSenseError(f"--detector {opts.detector!r}: expected one of {', '.join(DETECTORS)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
 

@@ -7,7 +7,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from facesense.config import TrainConfig
+from facesense.core.config import TrainConfig
 
 
 def make_ema(model: nn.Module, decay: float) -> ModelEmaV3:

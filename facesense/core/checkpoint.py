@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 from pipeline.errors import mount_point, no_space
 
 FORMAT, VERSION = "facesense-checkpoint", 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 from pipeline.shards import MANIFEST, rank_range, sha256_file
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 from pipeline.shards import sha256_file
 
 TTA = ("none", "flip", "crops")
@@ -140,13 +140,13 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: 
                         tta: str = "none", batch_size: int = 512, loader: str = "auto", workers: int = 2,
                         device: str = "auto", overwrite: bool = False) -> dict:
     """Evaluate a checkpoint on one split; write report.json and the figures into `out`."""
-    from facesense import plots
-    from facesense.datacheck import check_shards
-    from facesense.checkpoint import eval_weights, load_checkpoint
-    from facesense.config import config_from_dict
-    from facesense.data import data_identity, open_split, read_manifest
-    from facesense.model import create_model
-    from facesense.runtime import setup
+    from facesense.eval import plots
+    from facesense.core.datacheck import check_shards
+    from facesense.core.checkpoint import eval_weights, load_checkpoint
+    from facesense.core.config import config_from_dict
+    from facesense.core.data import data_identity, open_split, read_manifest
+    from facesense.core.model import create_model
+    from facesense.core.runtime import setup
     from pipeline.classes import SPLITS
 
     if split not in SPLITS:

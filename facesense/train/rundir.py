@@ -14,7 +14,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 
 LOCK = ".train.lock"
 RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl")  # any of them: --out holds a run

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from facesense.errors import FaceSenseError
+from facesense.core.errors import FaceSenseError
 
 try:
     import tomllib

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from facesense.config import TrainConfig
-from facesense.errors import FaceSenseError
+from facesense.core.config import TrainConfig
+from facesense.core.errors import FaceSenseError
 from pipeline.errors import ShardError
 from pipeline.shards import load_manifest
 

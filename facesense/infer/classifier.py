@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facesense.errors import FaceSenseError
-from facesense.faces import Preprocess, model_input
+from facesense.core.errors import FaceSenseError
+from facesense.infer.faces import Preprocess, model_input
 
 META_KEY = "facesense"  # ONNX metadata_props key / TorchScript extra file holding the JSON below
 META_FORMAT, META_VERSION = "facesense-export", 1
@@ -47,10 +47,10 @@ class TorchClassifier(Classifier):
     kind = "pytorch"
 
     def __init__(self, path: Path, device: str = "auto"):
-        from facesense.checkpoint import eval_weights, load_checkpoint
-        from facesense.config import config_from_dict
-        from facesense.model import create_model
-        from facesense.runtime import setup
+        from facesense.core.checkpoint import eval_weights, load_checkpoint
+        from facesense.core.config import config_from_dict
+        from facesense.core.model import create_model
+        from facesense.core.runtime import setup
 
         ckpt = load_checkpoint(path)
         cfg = config_from_dict(ckpt["config"], str(path))

@@ -1,0 +1,1 @@
+"""Shared by every lifecycle: config, model, checkpoints, runtime, data bridge, errors."""

@@ -1,0 +1,1 @@
+"""Evaluation: predictions over a loader, metrics, the eval report and its figures."""

@@ -1,0 +1,1 @@
+"""Inference on ordinary pictures: faces, the classifier, predict, export."""

@@ -1,0 +1,1 @@
+"""Training: the loop (loop.py) and what it needs: optimiser, run directory, memory check, progress."""
