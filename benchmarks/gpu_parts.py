@@ -180,7 +180,7 @@ EVAL_RESERVE_S = 60  # kept back from the training's time box for the evaluation
 
 def part_accuracy(settings: dict) -> dict:
     from facesense.core.checkpoint import load_checkpoint, save_checkpoint, shipping_snapshot
-    from facesense.eval.metrics import evaluate_checkpoint
+    from facesense.eval.report import evaluate_checkpoint
     from pipeline.shards import load_manifest
 
     scratch = Path(settings["scratch"])

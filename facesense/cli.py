@@ -1,4 +1,12 @@
-"""The `facesense` command line: pack, verify, train, eval, predict, export, bench."""
+"""The `facesense` command line: pack, verify, train, eval, predict, export, bench.
+
+The composition root: each command turns its options into a call of the library and prints
+the result. Errors are handled in one place (`_Commands.invoke`): any FaceSenseError a
+command raises (bad option, data, checkpoint; pipeline's pack and shard errors included)
+becomes `error: <message>` and its exit code, and Ctrl-C (or SIGTERM, which `main` turns
+into the same KeyboardInterrupt so that every writer's cleanup runs) becomes the command's
+own "interrupted; ..." line and exit code 130. No traceback for anything a user can cause.
+"""
 from __future__ import annotations
 
 import inspect
@@ -10,23 +18,42 @@ from typing import Optional
 
 import typer
 
+from typer.core import TyperGroup
+
+from benchmarks.cli import app as bench_app
 from facesense.core.errors import FaceSenseError
-from pipeline.errors import PackError, ShardError
 
-app = typer.Typer(help="FaceSense: fast, honest facial-expression training on FER2013.",
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+
+
+class _Commands(TyperGroup):
+    """The root command group: the one place where user errors and interrupts become one line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (FaceSenseError, KeyboardInterrupt) as exc:
+            if isinstance(exc, FaceSenseError):
+                message, code = str(exc), exc.exit_code
+            else:  # the running command says what an interrupt leaves behind (ctx.meta, see _on_interrupt)
+                message, code = ctx.meta.get("interrupted", lambda: "interrupted")(), INTERRUPTED
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code) from None
+
+
+def _on_interrupt(ctx: typer.Context, message) -> None:
+    """What the error line says if this command is interrupted: a string, or a callable made at that time."""
+    ctx.meta["interrupted"] = message if callable(message) else lambda: message
+
+
+app = typer.Typer(cls=_Commands, help="FaceSense: fast, honest facial-expression training on FER2013.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-bench_app = typer.Typer(help="Benchmarks: images/s, recorded with machine, versions and commit.",
-                        no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-
-
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+app.add_typer(bench_app, name="bench")  # the benchmarks' own typer app (benchmarks/cli.py)
 
 
 @app.command()
 def pack(
+    ctx: typer.Context,
     src: Path = typer.Argument(..., help="FER2013 source: the image-folder root (train/, test/) or fer2013.csv."),
     out: Path = typer.Option(Path("data/shards"), "--out", "-o", help="Output directory for shards + manifest.json."),
     format: str = typer.Option("auto", "--format", help="Source format: auto, folders or csv."),
@@ -46,12 +73,8 @@ def pack(
     opts = PackOptions(format=format, val_fraction=val_fraction, seed=seed, shard_size=shard_size,
                        resize=resize, skip_bad=skip_bad, dedupe=dedupe,
                        ferplus=str(ferplus.resolve()) if ferplus else None)
-    try:
-        manifest, built = run_pack(src, out, opts, workers=workers or os.cpu_count(), force=force)
-    except PackError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written", 130)
+    _on_interrupt(ctx, "interrupted; nothing was written")
+    manifest, built = run_pack(src, out, opts, workers=workers or os.cpu_count(), force=force)
     if not built:
         typer.echo(f"{out}: up to date with {src} (nothing to do; --force rebuilds)")
         return
@@ -68,10 +91,7 @@ def verify(data: Path = typer.Argument(..., help="Shard directory written by fac
     """Re-hash every shard against manifest.json and check shapes, dtypes and labels."""
     from pipeline.shards import verify as run_verify
 
-    try:
-        total = run_verify(data)
-    except ShardError as exc:
-        fail(str(exc))
+    total = run_verify(data)
     typer.echo(f"{data}: OK ({total} images)")
 
 
@@ -105,18 +125,13 @@ def train_command(ctx: typer.Context, config: Optional[Path], **options):
     # click, so compare ParameterSource by name).
     given = {name: value for name, value in options.items()
              if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
-    cfg = None
-    try:
-        cfg = resolve_config(config, given)
-        from facesense.train.loop import train
+    cfg = resolve_config(config, given)
+    _on_interrupt(ctx, lambda: "interrupted; rerun the same command with --resume to continue from last.pt"
+                  if (Path(cfg.out) / "last.pt").exists() else
+                  "interrupted before the first checkpoint; nothing was saved")
+    from facesense.train.loop import train
 
-        train(cfg)
-    except (FaceSenseError, ShardError) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        if cfg is not None and (Path(cfg.out) / "last.pt").exists():
-            fail("interrupted; rerun the same command with --resume to continue from last.pt", 130)
-        fail("interrupted before the first checkpoint; nothing was saved", 130)
+    train(cfg)
 
 
 @app.command("eval")
@@ -134,16 +149,14 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda or cuda:N."),
 ):
     """Accuracy, macro OvR ROC AUC, weighted F1, per-class report and confusion matrix of a checkpoint."""
-    from facesense.eval.metrics import evaluate_checkpoint
+    from facesense.eval.report import evaluate_checkpoint
 
-    try:
-        evaluate_checkpoint(checkpoint, data, split, out, tta, batch_size, loader, workers, device, overwrite=overwrite)
-    except (FaceSenseError, ShardError) as exc:
-        fail(str(exc))
+    evaluate_checkpoint(checkpoint, data, split, out, tta, batch_size, loader, workers, device, overwrite=overwrite)
 
 
 @app.command("predict")
 def predict_command(
+    ctx: typer.Context,
     sources: list[str] = typer.Argument(..., help="Image files (jpg, png, bmp, webp), folders (searched recursively, "
                                         "sorted) and video files (mp4, avi, mov, mkv)."),
     model: Path = typer.Option(..., "--model", help="A FaceSense checkpoint (.pt) or an exported .onnx."),
@@ -165,17 +178,13 @@ def predict_command(
 
     opts = Options(detector=detector, min_face=min_face, margin=DEFAULT_MARGIN if margin is None else margin,
                    save_annotated=save_annotated, vid_stride=vid_stride, batch_size=batch_size, device=device)
-    try:
-        report = predict(sources, model, out, opts)
-    except FaceSenseError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; predictions.jsonl was not written", 130)
+    _on_interrupt(ctx, "interrupted; predictions.jsonl was not written")
+    report = predict(sources, model, out, opts)
     for line in summary_lines(report, out):
         typer.echo(line)
     if report.failed:
-        fail(f"{len(report.failed)} of {report.sources} sources failed (errors above); the others are in "
-             f"{out / 'predictions.jsonl'}")
+        raise FaceSenseError(f"{len(report.failed)} of {report.sources} sources failed (errors above); the others "
+                             f"are in {out / 'predictions.jsonl'}")
 
 
 @app.command("export")
@@ -187,155 +196,16 @@ def export_command(
     """Export the checkpoint's eval model (EMA weights if kept) with a dynamic batch size and its metadata."""
     from facesense.infer.export import export
 
-    try:
-        meta = export(checkpoint, format, out)
-    except FaceSenseError as exc:
-        fail(str(exc))
+    meta = export(checkpoint, format, out)
     typer.echo(f"wrote {out}: {format}, {meta['model']} ({meta['weights']} weights), input (N, {meta['channels']}, "
                f"{meta['img_size']}, {meta['img_size']}) normalised with mean {meta['norm_mean']} std "
                f"{meta['norm_std']}, classes {', '.join(meta['classes'])}")
 
 
-@bench_app.command("pack")
-def bench_pack(
-    data: Path = typer.Option(Path("../shared/fer2013"), "--data", help="FER2013 image-folder root."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="fer2013.csv to time; default: one made from --data."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed repeats (median reported)."),
-    json_path: Path = typer.Option(Path("benchmarks/results/pack-cpu.json"), "--json", help="Where to write results."),
-):
-    """Time pack on the folder and a CSV against a naive one-process PIL loop."""
-    from benchmarks.bench_pack import run
-
-    run(data, csv, repeats, json_path)
-
-
-@bench_app.command("augment")
-def bench_augment(
-    device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda, cuda:N."),
-    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated output sizes."),
-    dtypes: str = typer.Option("float16,bfloat16", "--dtypes", help="Comma-separated output dtypes: float32, float16, bfloat16."),
-    channels: int = typer.Option(3, "--channels", help="Output channels (1 or 3)."),
-    batch_size: int = typer.Option(1024, "--batch-size", help="Samples per call."),
-    dataset_size: int = typer.Option(28709, "--dataset-size", help="Resident uint8 images to gather from (FER2013 train)."),
-    warmup: int = typer.Option(5, "--warmup", help="Untimed calls first (include Triton's compile)."),
-    repeats: int = typer.Option(7, "--repeats", help="Timed repeats (median reported)."),
-    iters: int = typer.Option(10, "--iters", help="Calls per timed repeat."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write results (e.g. benchmarks/results/augment-h100.json)."),
-):
-    """Augmentation images/s: the pure-torch reference vs the fused Triton kernel (CUDA)."""
-    from benchmarks.bench_augment import run
-
-    try:
-        run(device, [int(s) for s in _csv(sizes)], _csv(dtypes), channels, batch_size, dataset_size, warmup,
-            repeats, iters, json_path)
-    except ValueError as exc:
-        fail(str(exc))
-
-
-@bench_app.command("loader")
-def bench_loader(
-    data: Path = typer.Option(Path("data/shards"), "--data", help="Shard directory."),
-    kinds: str = typer.Option("resident,dali,dataloader", "--kinds", help="Comma-separated loader kinds."),
-    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated output sizes."),
-    batches: int = typer.Option(20, "--batches", help="Batches per timed run."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch."),
-    split: str = typer.Option("train", "--split", help="Split to read."),
-    dtype: str = typer.Option("float32", "--dtype", help="Output dtype: float32, float16, bfloat16."),
-    channels: int = typer.Option(3, "--channels", help="Output channels (3 = the baseline's Grayscale(3))."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed batches first."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes / DALI threads."),
-    device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda, cuda:N."),
-    json_path: Path = typer.Option(Path("benchmarks/results/loader-cpu.json"), "--json", help="Where to write results."),
-):
-    """Images/s of each loader kind per output size (after warm-up, synchronised, median)."""
-    from benchmarks.bench_loader import DTYPES, run
-
-    if dtype not in DTYPES:
-        fail(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    try:
-        run(data, _csv(kinds), [int(s) for s in _csv(sizes)], batches, batch_size, split, dtype, channels,
-            warmup, repeats, workers, device, json_path)
-    except (ShardError, ValueError) as exc:
-        fail(str(exc))
-
-
-@bench_app.command("train")
-def bench_train(
-    data: Path = typer.Option(Path("data/shards"), "--data", help="Shard directory."),
-    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated image sizes."),
-    variants: str = typer.Option("", "--variants", help="Synthetic-step variants, comma-separated, from "
-                                 "eager|compiled-fp32|amp-nchw|cl; the first is used end to end. "
-                                 "Default: compiled-amp-cl,eager-amp-cl,compiled-fp32-cl,compiled-amp-nchw on CUDA; "
-                                 "eager-fp32-cl,eager-fp32-nchw,eager-amp-cl on CPU."),
-    loaders: str = typer.Option("auto,resident,dali,dataloader", "--loaders", help="Loader kinds for end_to_end."),
-    model: str = typer.Option("efficientnet_b0", "--model", help="timm model name."),
-    channels: int = typer.Option(1, "--channels", help="Input channels (1 or 3)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Images per step."),
-    steps: int = typer.Option(10, "--steps", help="Steps per timed run."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (include compilation)."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
-    json_path: Path = typer.Option(Path("benchmarks/results/train-cpu.json"), "--json", help="Where to write results."),
-):
-    """Training images/s per size: synthetic ceiling per variant, and end to end per loader."""
-    import torch
-
-    from benchmarks.bench_train import run
-
-    if not variants:
-        variants = ("compiled-amp-cl,eager-amp-cl,compiled-fp32-cl,compiled-amp-nchw" if torch.cuda.is_available()
-                    else "eager-fp32-cl,eager-fp32-nchw,eager-amp-cl")
-    try:
-        run(data, [int(s) for s in _csv(sizes)], _csv(variants), _csv(loaders), model, channels, batch_size,
-            steps, warmup, repeats, device, json_path)
-    except (ShardError, ValueError) as exc:
-        fail(str(exc))
-
-
-@bench_app.command("predict")
-def bench_predict(
-    model: Path = typer.Option(Path("model/best.pt"), "--model", help="Checkpoint to time (exported to ONNX here too)."),
-    data: Optional[Path] = typer.Option(Path("data/shards"), "--data", help="Shards whose val faces are classified "
-                                        "(made-up faces when absent)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Faces per classification call."),
-    photos: int = typer.Option(20, "--photos", help="640x480 single-face photos per timed run."),
-    video_frames: int = typer.Option(150, "--video-frames", help="Frames of the 640x480 test video."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
-    json_path: Path = typer.Option(Path("benchmarks/results/predict-cpu.json"), "--json", help="Where to write results."),
-):
-    """Faces/s of classification (PyTorch, onnxruntime) and photos/s, frames/s with detection at 640x480."""
-    from benchmarks.bench_predict import run
-
-    try:
-        run(model, data, batch_size, photos, repeats, video_frames, json_path)
-    except (FaceSenseError, ShardError) as exc:
-        fail(str(exc))
-
-
-@bench_app.command("margin")
-def bench_margin(
-    model: Path = typer.Option(Path("model/best.pt"), "--model", help="Checkpoint to score crops with."),
-    data: Path = typer.Option(Path("data/shards"), "--data", help="Shards whose val faces are used."),
-    margins: str = typer.Option("-0.15,-0.1,-0.05,0,0.05,0.1,0.2,0.3", "--margins", help="Margins to try "
-                                 "(fraction of the box side per side; negative crops inside the box)."),
-    limit: int = typer.Option(4000, "--limit", help="Val faces to use at most."),
-    json_path: Path = typer.Option(Path("benchmarks/results/margin-cpu.json"), "--json", help="Where to write results."),
-):
-    """Accuracy of val faces found by the detector on a canvas, per crop margin (how predict's margin was chosen)."""
-    from benchmarks.bench_predict import margin_sweep
-
-    try:
-        margin_sweep(model, data, [float(m) for m in _csv(margins)], limit, json_path)
-    except (FaceSenseError, ShardError) as exc:
-        fail(str(exc))
-
-
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def main() -> None:
+    from pipeline.interrupts import install_signal_policy
+
+    install_signal_policy()  # SIGTERM -> KeyboardInterrupt, as Ctrl-C: partial outputs are cleaned up
     try:
         app()
     except BrokenPipeError:

@@ -11,6 +11,9 @@ FERPLUS_CLASSES: tuple[str, ...] = ("neutral", "happiness", "surprise", "sadness
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
+# Side of a FER2013 face in pixels: what the shards store and every face crop is resized to.
+FACE_SIZE = 48
+
 # FER2013's `Usage` -> our split. Image-folder downloads carry Usage as a file-name prefix.
 USAGE_TO_SPLIT: dict[str, str] = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 

@@ -300,12 +300,16 @@ class TorchDataLoader(Loader):
             yield images.to(dtype=self.cfg.dtype, memory_format=torch.channels_last), labels.to(self.device)
 
 
-def make_loader(data_dir: Path | str, split: str, cfg: LoaderConfig, device: torch.device | str) -> Loader:
-    """Read this rank's part of `split` from the shards and wrap it in the chosen loader kind."""
+def make_loader(data_dir: Path | str, split: str, cfg: LoaderConfig, device: torch.device | str,
+                manifest: dict | None = None) -> Loader:
+    """Read this rank's part of `split` from the shards and wrap it in the chosen loader kind.
+
+    `manifest`: the parsed manifest.json when the caller has read it already (read once per run)."""
     device = torch.device(device)
     kind = resolve_kind(cfg.kind, device)
-    count = load_manifest(data_dir)["splits"][split]["count"]
-    part = read_split(data_dir, split, cfg.rank, cfg.world_size)
+    manifest = manifest or load_manifest(data_dir)
+    count = manifest["splits"][split]["count"]
+    part = read_split(data_dir, split, cfg.rank, cfg.world_size, manifest=manifest)
     cls = {"resident": ResidentLoader, "dali": DaliLoader, "dataloader": TorchDataLoader}[kind]
     loader = cls(part, count, cfg, device)
     loader.kind = kind

@@ -15,13 +15,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.classes import SPLITS
+from pipeline.classes import FACE_SIZE, SPLITS
 from pipeline.errors import ShardError
 
 FORMAT_VERSION = 1
 MAGIC = "facesense-shards"
 MANIFEST = "manifest.json"
-SIDE = 48
+
 CHUNK_IMAGES = 2048  # 4.7 MB chunks: whole-shard reads stay a few large reads
 
 
@@ -38,7 +38,7 @@ def write_shard(out_dir: Path, split: str, k: int, images: np.ndarray, labels: n
     """Write `<split>-<k>.h5`; return its manifest entry {"file", "count", "sha256"}."""
     name, n = f"{split}-{k}.h5", len(images)
     with h5py.File(out_dir / name, "w") as f:
-        f.create_dataset("images", data=images, chunks=(max(1, min(n, CHUNK_IMAGES)), SIDE, SIDE),
+        f.create_dataset("images", data=images, chunks=(max(1, min(n, CHUNK_IMAGES)), FACE_SIZE, FACE_SIZE),
                          fletcher32=True)
         f.create_dataset("labels", data=labels.astype(np.uint8), fletcher32=True, chunks=(max(1, n),))
         f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
@@ -91,34 +91,41 @@ def rank_range(count: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * count // world_size, (rank + 1) * count // world_size
 
 
-def read_split(data_dir: Path | str, split: str, rank: int = 0, world_size: int = 1,
-               with_ids: bool = False) -> SplitArrays:
-    """A whole split as one array, or one DDP rank's contiguous part of it.
-
-    Shards are written in a seeded shuffled order, so contiguous parts are class-mixed;
-    a rank opens only the shards that overlap its part.
-    """
-    data_dir = Path(data_dir)
-    manifest = load_manifest(data_dir)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    entry = manifest["splits"][split]
-    classes = tuple(manifest["classes"])
+def part_shards(entry: dict, rank: int = 0, world_size: int = 1):
+    """(shard entry, its [lo, hi) rows, where they go in the part) for each shard that holds part of
+    this rank's contiguous share of a split: the one walk that reading and checking a part both use."""
     start, stop = rank_range(entry["count"], rank, world_size)
-    images = np.empty((stop - start, SIDE, SIDE), np.uint8)
-    labels = np.empty(stop - start, np.int64)
-    ids: list[str] = []
     offset = 0  # global index of the current shard's first item
     for shard in entry["shards"]:
         lo, hi = max(start, offset), min(stop, offset + shard["count"])
         if lo < hi:
-            with _open_shard(data_dir / shard["file"], split) as f:
-                images[lo - start:hi - start] = f["images"][lo - offset:hi - offset]
-                labels[lo - start:hi - start] = f["labels"][lo - offset:hi - offset]
-                if with_ids:
-                    ids += [s.decode() for s in f["ids"][lo - offset:hi - offset]]
+            yield shard, slice(lo - offset, hi - offset), slice(lo - start, hi - start)
         offset += shard["count"]
-    return SplitArrays(images, labels, classes, ids if with_ids else None)
+
+
+def read_split(data_dir: Path | str, split: str, rank: int = 0, world_size: int = 1,
+               with_ids: bool = False, manifest: dict | None = None) -> SplitArrays:
+    """A whole split as one array, or one DDP rank's contiguous part of it.
+
+    Shards are written in a seeded shuffled order, so contiguous parts are class-mixed;
+    a rank opens only the shards that overlap its part. `manifest`: the one already read.
+    """
+    data_dir = Path(data_dir)
+    manifest = manifest or load_manifest(data_dir)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    entry = manifest["splits"][split]
+    start, stop = rank_range(entry["count"], rank, world_size)
+    images = np.empty((stop - start, FACE_SIZE, FACE_SIZE), np.uint8)
+    labels = np.empty(stop - start, np.int64)
+    ids: list[str] = []
+    for shard, rows, dest in part_shards(entry, rank, world_size):
+        with _open_shard(data_dir / shard["file"], split) as f:
+            images[dest] = f["images"][rows]
+            labels[dest] = f["labels"][rows]
+            if with_ids:
+                ids += [s.decode() for s in f["ids"][rows]]
+    return SplitArrays(images, labels, tuple(manifest["classes"]), ids if with_ids else None)
 
 
 def _open_shard(path: Path, split: str) -> h5py.File:
@@ -159,9 +166,9 @@ def verify(data_dir: Path | str) -> int:
             with _open_shard(path, split) as f:
                 images, labels = f["images"], f["labels"]
                 n = shard["count"]
-                if images.dtype != np.uint8 or images.shape != (n, SIDE, SIDE):
+                if images.dtype != np.uint8 or images.shape != (n, FACE_SIZE, FACE_SIZE):
                     raise ShardError(f"{path}: images are {images.dtype} {images.shape}, "
-                                     f"expected uint8 ({n}, {SIDE}, {SIDE})")
+                                     f"expected uint8 ({n}, {FACE_SIZE}, {FACE_SIZE})")
                 if labels.dtype != np.uint8 or labels.shape != (n,) or f["ids"].shape != (n,):
                     raise ShardError(f"{path}: labels/ids do not match the {n} images")
                 try:

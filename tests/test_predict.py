@@ -130,7 +130,7 @@ def test_detector_none_matches_eval_on_fer_val(tmp_path):
     from facesense.core.checkpoint import load_checkpoint
     from facesense.core.config import config_from_dict
     from facesense.core.data import open_split
-    from facesense.eval.metrics import predict as eval_predict
+    from facesense.eval.metrics import predict_probs as eval_predict
     from facesense.core.model import create_model
     from pipeline.shards import FORMAT_VERSION, MANIFEST, split_entry, write_shard
 

@@ -291,12 +291,12 @@ def test_eval_refuses_to_overwrite_another_checkpoints_report(data, trained, tmp
 
 
 def test_eval_out_that_is_a_file_fails_before_evaluating(data, trained, tmp_path, monkeypatch):
-    import facesense.eval.metrics as evaluate_module
+    import facesense.eval.metrics as evaluate_module  # report.py calls it through the module
 
     def never(*args, **kwargs):
         raise AssertionError("evaluated although --out cannot be written")
 
-    monkeypatch.setattr(evaluate_module, "predict", never)
+    monkeypatch.setattr(evaluate_module, "predict_probs", never)
     (tmp_path / "out").write_text("x")
     line = error_line(evaluate(trained / "best.pt", "--data", data, "--out", tmp_path / "out"))
     assert "is a file, not a directory" in line

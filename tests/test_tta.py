@@ -10,7 +10,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from facesense.cli import app
-from facesense.eval.metrics import predict
+from facesense.eval.metrics import predict_probs as predict
 from kernels.spec import View, crop_views
 from pipeline.loaders import LoaderConfig, make_loader
 from train_helpers import make_shards, train_args, write_shards

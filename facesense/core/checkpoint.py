@@ -21,13 +21,18 @@ tensors per weight), small enough to ship in the repo.
 from __future__ import annotations
 
 import io
-import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from facesense.core.errors import FaceSenseError
-from pipeline.errors import mount_point, no_space
+from facesense.core.files import write_bytes
+
+if TYPE_CHECKING:
+    from facesense.core.config import TrainConfig
 
 FORMAT, VERSION = "facesense-checkpoint", 1
 
@@ -38,23 +43,9 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     Serialised in memory first: torch's zip writer turns a full disk into a RuntimeError
     without its errno, a plain write() keeps it. On failure the previous `path` is untouched.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **payload}, buffer)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        why = (f"no space left on device {mount_point(path.parent)}" if no_space(exc)
-               else f"cannot write it ({exc.strerror})")
-        raise FaceSenseError(f"{path}: {why}; {kept}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(path, buffer.getbuffer())
 
 
 RESUME_ONLY = ("optimizer", "scheduler", "scaler", "ranks")
@@ -95,3 +86,27 @@ def load_checkpoint(path: Path | str) -> dict:
 def eval_weights(ckpt: dict) -> tuple[dict, str]:
     """The weights to evaluate: the EMA when the run kept one (it was selected on them)."""
     return (ckpt["ema"], "ema") if ckpt.get("ema") is not None else (ckpt["model"], "model")
+
+
+@dataclass
+class EvalModel:
+    """A checkpoint's evaluation network, ready to run: what eval, predict and export all start from."""
+
+    model: nn.Module  # eval mode, float32, channels-last, on `device`
+    ckpt: dict  # the checkpoint as loaded (classes, epoch, step, data, ...)
+    cfg: "TrainConfig"  # its training config
+    weights: str  # "ema" or "model": which weights `model` holds
+
+
+def load_eval_model(path: Path | str, device: torch.device | str = "cpu") -> EvalModel:
+    """The one way to build an evaluation model: the checkpoint's EMA weights when it kept them."""
+    from facesense.core.config import config_from_dict
+    from facesense.core.model import create_model
+
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"], str(path))
+    weights, which = eval_weights(ckpt)
+    model = create_model(cfg.model, cfg.channels, len(ckpt["classes"]))
+    model.load_state_dict(weights)
+    model.to(device, memory_format=torch.channels_last).eval()
+    return EvalModel(model, ckpt, cfg, which)

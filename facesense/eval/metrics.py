@@ -1,4 +1,4 @@
-"""Evaluation: predictions, metrics, and `facesense eval`'s report.
+"""Evaluation arithmetic: class probabilities over a loader (with test-time augmentation) and metrics.
 
 Metrics: accuracy, macro one-vs-rest ROC AUC, weighted F1, scikit-learn's per-class
 precision / recall / F1, and the confusion matrix. A class absent from the labels has
@@ -7,7 +7,6 @@ to scikit-learn's `roc_auc_score(multi_class="ovr", average="macro")` when all a
 """
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -16,13 +15,12 @@ import torch
 from torch import nn
 
 from facesense.core.errors import FaceSenseError
-from pipeline.shards import sha256_file
 
 TTA = ("none", "flip", "crops")
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, autocast=nullcontext(), tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+def predict_probs(model: nn.Module, loader, autocast=nullcontext(), tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, K) float64 and labels (N,) over one pass of an eval-mode loader.
 
     tta="flip" averages the probabilities of each image and its mirror image; tta="crops" averages
@@ -96,100 +94,3 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -
                              "auc": aucs[name]} for name in classes},
         "confusion_matrix": confusion_matrix(labels, preds, labels=list(range(k))).tolist(),
     }
-
-
-def print_table(metrics: dict, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("class", "precision", "recall", "F1", "AUC", "support"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for name, row in metrics["per_class"].items():
-        auc = "-" if row["auc"] is None else f"{row['auc']:.3f}"
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", auc,
-                      str(row["support"]))
-    auc = "-" if metrics["auc_macro_ovr"] is None else f"{metrics['auc_macro_ovr']:.4f}"
-    console = Console()
-    console.print(table)
-    console.print(f"accuracy {metrics['accuracy']:.4f}   macro OvR ROC AUC {auc}   "
-                  f"weighted F1 {metrics['f1_weighted']:.4f}   ({metrics['count']} images)")
-
-
-def default_out(checkpoint: Path, split: str) -> Path:
-    """eval-<name>-<split>/ beside the checkpoint: never the run's own directory, where another report may live."""
-    return Path(checkpoint).parent / f"eval-{Path(checkpoint).stem}-{split}"
-
-
-def check_out(out: Path, checkpoint: Path, checkpoint_sha: str, overwrite: bool) -> None:
-    """Refuse, before evaluating, an --out that is a file or holds the report of another checkpoint."""
-    if out.exists() and not out.is_dir():
-        raise FaceSenseError(f"--out {out}: is a file, not a directory; choose another --out")
-    try:
-        previous = json.loads((out / "report.json").read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no report there (or not one of ours: it is replaced like any output file)
-    same = (previous.get("sha256") == checkpoint_sha
-            or previous.get("path") == str(Path(checkpoint).resolve()))  # the same run's retrained best.pt
-    if not same and not overwrite:
-        raise FaceSenseError(f"{out / 'report.json'} is the report of another checkpoint ({previous.get('path')}); "
-                             f"choose another --out, or pass --overwrite to replace it")
-
-
-def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: Path | None = None,
-                        tta: str = "none", batch_size: int = 512, loader: str = "auto", workers: int = 2,
-                        device: str = "auto", overwrite: bool = False) -> dict:
-    """Evaluate a checkpoint on one split; write report.json and the figures into `out`."""
-    from facesense.eval import plots
-    from facesense.core.datacheck import check_shards
-    from facesense.core.checkpoint import eval_weights, load_checkpoint
-    from facesense.core.config import config_from_dict
-    from facesense.core.data import data_identity, open_split, read_manifest
-    from facesense.core.model import create_model
-    from facesense.core.runtime import setup
-    from pipeline.classes import SPLITS
-
-    if split not in SPLITS:
-        raise FaceSenseError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    if tta not in TTA:
-        raise FaceSenseError(f"--tta {tta!r}: expected one of {', '.join(TTA)}")
-    if batch_size < 1:
-        raise FaceSenseError(f"--batch-size {batch_size}: must be at least 1")
-    ckpt = load_checkpoint(checkpoint)
-    checkpoint_sha = sha256_file(Path(checkpoint))
-    out = Path(out) if out is not None else default_out(checkpoint, split)
-    check_out(out, checkpoint, checkpoint_sha, overwrite)
-    cfg = config_from_dict(ckpt["config"], str(checkpoint))
-    cfg.loader, cfg.workers = loader, workers
-    manifest = read_manifest(data)
-    classes = list(manifest["classes"])
-    if classes != list(ckpt["classes"]):
-        raise FaceSenseError(f"{checkpoint} was trained on classes {ckpt['classes']}, {data} has {classes}")
-    if manifest["splits"][split]["count"] == 0:
-        raise FaceSenseError(f"{data}: the {split} split is empty; nothing to evaluate")
-    check_shards(data, manifest, split)  # the report names these shards: they must be the ones packed
-
-    rt = setup(device, deterministic=False)
-    weights, which = eval_weights(ckpt)
-    model = create_model(cfg.model, cfg.channels, len(classes))
-    model.load_state_dict(weights)
-    model.to(rt.device, memory_format=torch.channels_last)
-    batches = open_split(data, split, cfg, rt.device, train=False, batch_size=batch_size)
-    probs, labels = predict(model, batches, tta=tta)
-    metrics = compute_metrics(probs, labels, classes)
-
-    out.mkdir(parents=True, exist_ok=True)
-    report = {**metrics, "split": split, "tta": tta,
-              "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": checkpoint_sha,
-                             "model": cfg.model, "weights": which, "epoch": ckpt["epoch"], "step": ckpt["step"],
-                             "best_val_accuracy": ckpt.get("best_accuracy")},
-              "data": data_identity(data, manifest, split),
-              "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__}}
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    title = f"{cfg.model} on {split}"
-    plots.confusion_heatmap(np.array(metrics["confusion_matrix"]), classes, out / "confusion_matrix_heatmap.png",
-                            title)
-    plots.roc_curves(probs, labels, classes, {n: r["auc"] for n, r in metrics["per_class"].items()},
-                     out / "roc_curves.png", title)
-    print_table(metrics, f"{Path(checkpoint).name} on {split} ({which} weights, tta {tta})")
-    return report

@@ -48,7 +48,7 @@ from facesense.core.checkpoint import load_checkpoint, save_checkpoint, selectio
 from facesense.core.config import TrainConfig, resume_differences
 from facesense.core.data import data_identity, open_split, read_manifest
 from facesense.core.errors import FaceSenseError
-from facesense.eval.metrics import compute_metrics, predict
+from facesense.eval.metrics import compute_metrics, predict_probs
 from facesense.core.model import check_input_size, create_model
 from facesense.train.optim import class_weights, make_ema, make_optimizer, warmup_cosine
 from facesense.train.progress import ProgressBar
@@ -227,7 +227,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
 
     def validate() -> dict:
         """Val metrics (rank 0); outputs gone to NaN/inf stop the run as a NaN loss does."""
-        probs, labels = predict(ema.module if ema else model, val_loader, autocast)
+        probs, labels = predict_probs(ema.module if ema else model, val_loader, autocast)
         if not np.isfinite(probs).all():
             raise stopped(f"the model's outputs on val became non-finite (epoch {epoch + 1})")
         return compute_metrics(probs, labels, classes)
