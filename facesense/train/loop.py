@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from facesense.core import datacheck
+from facesense.core import data as datacheck
 
 from facesense.train import memory
 
