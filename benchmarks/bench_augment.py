@@ -12,36 +12,24 @@ CUDA only: under TRITON_INTERPRET=1 a timing would measure the interpreter.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.env import write_result
+from benchmarks.env import median_time, resolve_device, torch_dtype, write_result
 from kernels.reference import augment_reference
 from kernels.spec import AugConfig, OutputSpec, sample_params
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def time_engine(fn, device: torch.device, batch_size: int, warmup: int, repeats: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """`warmup` untimed calls, then `repeats` timed runs of `iters` calls each; images/s of the median run."""
+    def calls():
         for _ in range(iters):
             fn()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds)
+
+    for _ in range(warmup):
+        fn()
+    median, seconds = median_time(calls, repeats, 0, device)
     return {"images_per_s": batch_size * iters / median, "median_s": median, "repeat_s": seconds}
 
 
@@ -58,10 +46,8 @@ def triton_engine(device: torch.device):
 
 def run(device: str, sizes: list[int], dtypes: list[str], channels: int, batch_size: int, dataset_size: int,
         warmup: int, repeats: int, iters: int, json_path: Path | None, seed: int = 0) -> dict:
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    unknown = [d for d in dtypes if d not in DTYPES]
-    if unknown:
-        raise ValueError(f"unknown dtype(s) {unknown}; expected {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    torch_dtypes = {name: torch_dtype(name) for name in dtypes}  # every name checked before anything runs
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (dataset_size, 48, 48), dtype=torch.uint8, generator=gen).to(dev)
     index = torch.randint(0, dataset_size, (batch_size,), generator=gen).to(dev)
@@ -70,7 +56,7 @@ def run(device: str, sizes: list[int], dtypes: list[str], channels: int, batch_s
     results = []
     for size in sizes:
         for dtype in dtypes:
-            out = OutputSpec(size=size, channels=channels, dtype=DTYPES[dtype])
+            out = OutputSpec(size=size, channels=channels, dtype=torch_dtypes[dtype])
             engines = {"reference": lambda: augment_reference(images, index, params, out)}
             if triton_fn is not None:
                 engines["triton"] = lambda: triton_fn(images, index, params, out)

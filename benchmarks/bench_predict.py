@@ -77,7 +77,7 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
     from facesense.infer.classifier import OnnxClassifier, load_classifier
     from facesense.infer.export import export
     from facesense.infer.faces import HaarDetector, find_faces, to_gray
-    from facesense.infer.predict import Options, predict
+    from facesense.infer.predict import PredictOptions, predict
 
     console = Console()
     faces, _ = _faces(data, batch_size)
@@ -120,11 +120,12 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
             out = Path(tmp) / f"out-{name}"
             runs = []
             for _ in range(repeats):
-                report = predict([str(video)], path, out, Options(device="cpu", batch_size=64), progress=False)
-                runs.append(report.frames / report.seconds)
+                opts = PredictOptions(device="cpu", batch_size=64)
+                summary = predict([str(video)], path, out, opts, progress=False)
+                runs.append(summary.frames / summary.seconds)
             rate = statistics.median(runs)
             results.append({"mode": "video", "backend": name, "size": [640, 480], "frames": video_frames,
-                            "faces": report.faces, "frames_per_s": rate, "runs_frames_per_s": runs})
+                            "faces": summary.faces, "frames_per_s": rate, "runs_frames_per_s": runs})
             console.print(f"video    {name:12s} 640x480 facesense predict: {rate:,.1f} frames/s")
     payload = {"benchmark": "predict", "results": results,
                "config": {"model": str(model), "data": str(data) if data else None, "batch_size": batch_size,

@@ -15,13 +15,12 @@ model from facesense.core.model, AdamW from facesense.train.optim, AMP from face
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.env import write_result
+from benchmarks.env import loader_stream, resolve_device, timed_runs, write_result
 from facesense.core.config import TrainConfig
 from facesense.core.model import create_model
 from facesense.train.optim import make_optimizer
@@ -30,17 +29,21 @@ from pipeline.loaders import LoaderConfig, make_loader
 from pipeline.shards import load_manifest
 
 
+# What --variants is when not given, per device: the first is what `facesense train` runs there by default.
+DEFAULT_VARIANTS = {"cuda": ("compiled-amp-cl", "eager-amp-cl", "compiled-fp32-cl", "compiled-amp-nchw"),
+                    "cpu": ("eager-fp32-cl", "eager-fp32-nchw", "eager-amp-cl")}
+
+
+def default_variants(device: torch.device) -> list[str]:
+    return list(DEFAULT_VARIANTS["cuda" if device.type == "cuda" else "cpu"])
+
+
 def parse_variant(name: str) -> dict:
     parts = name.split("-")
     if len(parts) != 3 or parts[0] not in ("eager", "compiled") or parts[1] not in ("fp32", "amp") \
             or parts[2] not in ("nchw", "cl"):
         raise ValueError(f"variant {name!r}: expected eager|compiled-fp32|amp-nchw|cl, e.g. eager-fp32-cl")
     return {"compile": parts[0] == "compiled", "amp": parts[1] == "amp", "channels_last": parts[2] == "cl"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Step:
@@ -72,32 +75,18 @@ class Step:
 def _time(step: Step, batches, steps: int, warmup: int, repeats: int, batch_size: int,
           device: torch.device) -> tuple[list[float], float]:
     """Images/s of each timed repeat, and the warm-up's seconds (which include any compilation)."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step(*next(batches))
-    _sync(device)
-    warmup_s = time.perf_counter() - start
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(*next(batches))
-        _sync(device)
-        rates.append(steps * batch_size / (time.perf_counter() - start))
-    return rates, warmup_s
+    def take(n: int):
+        return lambda: [step(*next(batches)) for _ in range(n)]
 
-
-def _loader_stream(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+    warmup_s = timed_runs(take(warmup), 1, 0, device)[0]
+    return [steps * batch_size / s for s in timed_runs(take(steps), repeats, 0, device)], warmup_s
 
 
 def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], model: str, channels: int,
         batch_size: int, steps: int, warmup: int, repeats: int, device: str, json_path: Path) -> dict:
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    """`variants` empty: DEFAULT_VARIANTS for the device."""
+    dev = resolve_device(device)
+    variants = list(variants) or default_variants(dev)
     parsed = {v: parse_variant(v) for v in variants}
     classes = load_manifest(data)["classes"]
     results = []
@@ -130,7 +119,7 @@ def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], m
                 results.append({"size": size, "mode": "end_to_end", "loader": kind, "variant": name,
                                 "skipped": str(exc)})
                 continue
-            timed = _time(first, _loader_stream(loader), steps, warmup, repeats, batch_size, dev)
+            timed = _time(first, loader_stream(loader), steps, warmup, repeats, batch_size, dev)
             record({"size": size, "mode": "end_to_end", "loader": kind, "resolved_loader": loader.kind,
                     "variant": name}, timed)
             del loader

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,13 +12,24 @@ from facesense.core.errors import FaceSenseError
 
 app = typer.Typer(help="Benchmarks: images/s, recorded with machine, versions and commit.", no_args_is_help=True)
 
+# The options several commands share (each command gives its own default).
+Shards = Annotated[Path, typer.Option("--data", help="Shard directory.")]
+Sizes = Annotated[str, typer.Option("--sizes", help="Comma-separated output (image) sizes.")]
+Channels = Annotated[int, typer.Option("--channels", help="Image channels: 1 (gray) or 3 (gray replicated, "
+                                       "the baseline's Grayscale(3)).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per batch (an augment call, a training step).")]
+Warmup = Annotated[int, typer.Option("--warmup", help="Untimed batches or calls first (include any compilation).")]
+Repeats = Annotated[int, typer.Option("--repeats", help="Timed runs (median reported).")]
+Device = Annotated[str, typer.Option("--device", help="Device: auto (cuda if available), cpu, cuda, cuda:N.")]
+ResultJson = Annotated[Path, typer.Option("--json", help="Where to write results.")]
+
 
 @app.command("pack")
 def bench_pack(
     data: Path = typer.Option(Path("../shared/fer2013"), "--data", help="FER2013 image-folder root."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="fer2013.csv to time; default: one made from --data."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed repeats (median reported)."),
-    json_path: Path = typer.Option(Path("benchmarks/results/pack-cpu.json"), "--json", help="Where to write results."),
+    repeats: Repeats = 3,
+    json_path: ResultJson = Path("benchmarks/results/pack-cpu.json"),
 ):
     """Time pack on the folder and a CSV against a naive one-process PIL loop."""
     from benchmarks.bench_pack import run
@@ -28,14 +39,14 @@ def bench_pack(
 
 @app.command("augment")
 def bench_augment(
-    device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda, cuda:N."),
-    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated output sizes."),
+    device: Device = "auto",
+    sizes: Sizes = "48,112,224",
     dtypes: str = typer.Option("float16,bfloat16", "--dtypes", help="Comma-separated output dtypes: float32, float16, bfloat16."),
-    channels: int = typer.Option(3, "--channels", help="Output channels (1 or 3)."),
-    batch_size: int = typer.Option(1024, "--batch-size", help="Samples per call."),
+    channels: Channels = 3,
+    batch_size: BatchSize = 1024,
     dataset_size: int = typer.Option(28709, "--dataset-size", help="Resident uint8 images to gather from (FER2013 train)."),
-    warmup: int = typer.Option(5, "--warmup", help="Untimed calls first (include Triton's compile)."),
-    repeats: int = typer.Option(7, "--repeats", help="Timed repeats (median reported)."),
+    warmup: Warmup = 5,
+    repeats: Repeats = 7,
     iters: int = typer.Option(10, "--iters", help="Calls per timed repeat."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write results (e.g. benchmarks/results/augment-h100.json)."),
 ):
@@ -43,65 +54,62 @@ def bench_augment(
     from benchmarks.bench_augment import run
 
     with _options_checked():
-        run(device, [int(s) for s in _csv(sizes)], _csv(dtypes), channels, batch_size, dataset_size, warmup,
-            repeats, iters, json_path)
+        run(device, _ints(sizes), _csv(dtypes), channels, batch_size, dataset_size, warmup, repeats, iters,
+            json_path)
 
 
 @app.command("loader")
 def bench_loader(
-    data: Path = typer.Option(Path("data/shards"), "--data", help="Shard directory."),
+    data: Shards = Path("data/shards"),
     kinds: str = typer.Option("resident,dali,dataloader", "--kinds", help="Comma-separated loader kinds."),
-    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated output sizes."),
+    sizes: Sizes = "48,112,224",
     batches: int = typer.Option(20, "--batches", help="Batches per timed run."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch."),
+    batch_size: BatchSize = 256,
     split: str = typer.Option("train", "--split", help="Split to read."),
     dtype: str = typer.Option("float32", "--dtype", help="Output dtype: float32, float16, bfloat16."),
-    channels: int = typer.Option(3, "--channels", help="Output channels (3 = the baseline's Grayscale(3))."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed batches first."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
+    channels: Channels = 3,
+    warmup: Warmup = 3,
+    repeats: Repeats = 3,
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes / DALI threads."),
-    device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda, cuda:N."),
-    json_path: Path = typer.Option(Path("benchmarks/results/loader-cpu.json"), "--json", help="Where to write results."),
+    device: Device = "auto",
+    cpu_engines: str = typer.Option("compiled", "--cpu-engines", help="Resident loader on a CPU: augmentation "
+                                    "engines to time, comma-separated, in turns: compiled (torch.compile), "
+                                    "reference (pure torch)."),
+    json_path: ResultJson = Path("benchmarks/results/loader-cpu.json"),
 ):
     """Images/s of each loader kind per output size (after warm-up, synchronised, median)."""
-    from benchmarks.bench_loader import DTYPES, run
+    from benchmarks.bench_loader import run
 
-    if dtype not in DTYPES:
-        raise FaceSenseError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     with _options_checked():
-        run(data, _csv(kinds), [int(s) for s in _csv(sizes)], batches, batch_size, split, dtype, channels,
-            warmup, repeats, workers, device, json_path)
+        run(data, _csv(kinds), _ints(sizes), batches, batch_size, split, dtype, channels, warmup, repeats,
+            workers, device, json_path, _csv(cpu_engines))
 
 
 @app.command("train")
 def bench_train(
-    data: Path = typer.Option(Path("data/shards"), "--data", help="Shard directory."),
-    sizes: str = typer.Option("48,112,224", "--sizes", help="Comma-separated image sizes."),
+    data: Shards = Path("data/shards"),
+    sizes: Sizes = "48,112,224",
     variants: str = typer.Option("", "--variants", help="Synthetic-step variants, comma-separated, from "
                                  "eager|compiled-fp32|amp-nchw|cl; the first is used end to end. "
-                                 "Default: compiled-amp-cl,eager-amp-cl,compiled-fp32-cl,compiled-amp-nchw on CUDA; "
+                                 "Default (bench_train.DEFAULT_VARIANTS): compiled-amp-cl,eager-amp-cl,"
+                                 "compiled-fp32-cl,compiled-amp-nchw on CUDA; "
                                  "eager-fp32-cl,eager-fp32-nchw,eager-amp-cl on CPU."),
     loaders: str = typer.Option("auto,resident,dali,dataloader", "--loaders", help="Loader kinds for end_to_end."),
     model: str = typer.Option("efficientnet_b0", "--model", help="timm model name."),
-    channels: int = typer.Option(1, "--channels", help="Input channels (1 or 3)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Images per step."),
+    channels: Channels = 1,
+    batch_size: BatchSize = 128,
     steps: int = typer.Option(10, "--steps", help="Steps per timed run."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (include compilation)."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
-    json_path: Path = typer.Option(Path("benchmarks/results/train-cpu.json"), "--json", help="Where to write results."),
+    warmup: Warmup = 3,
+    repeats: Repeats = 3,
+    device: Device = "auto",
+    json_path: ResultJson = Path("benchmarks/results/train-cpu.json"),
 ):
     """Training images/s per size: synthetic ceiling per variant, and end to end per loader."""
-    import torch
-
     from benchmarks.bench_train import run
 
-    if not variants:
-        variants = ("compiled-amp-cl,eager-amp-cl,compiled-fp32-cl,compiled-amp-nchw" if torch.cuda.is_available()
-                    else "eager-fp32-cl,eager-fp32-nchw,eager-amp-cl")
     with _options_checked():
-        run(data, [int(s) for s in _csv(sizes)], _csv(variants), _csv(loaders), model, channels, batch_size,
-            steps, warmup, repeats, device, json_path)
+        run(data, _ints(sizes), _csv(variants), _csv(loaders), model, channels, batch_size, steps, warmup,
+            repeats, device, json_path)
 
 
 @app.command("predict")
@@ -112,8 +120,8 @@ def bench_predict(
     batch_size: int = typer.Option(256, "--batch-size", help="Faces per classification call."),
     photos: int = typer.Option(20, "--photos", help="640x480 single-face photos per timed run."),
     video_frames: int = typer.Option(150, "--video-frames", help="Frames of the 640x480 test video."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs (median reported)."),
-    json_path: Path = typer.Option(Path("benchmarks/results/predict-cpu.json"), "--json", help="Where to write results."),
+    repeats: Repeats = 3,
+    json_path: ResultJson = Path("benchmarks/results/predict-cpu.json"),
 ):
     """Faces/s of classification (PyTorch, onnxruntime) and photos/s, frames/s with detection at 640x480."""
     from benchmarks.bench_predict import run
@@ -124,11 +132,11 @@ def bench_predict(
 @app.command("margin")
 def bench_margin(
     model: Path = typer.Option(Path("model/best.pt"), "--model", help="Checkpoint to score crops with."),
-    data: Path = typer.Option(Path("data/shards"), "--data", help="Shards whose val faces are used."),
+    data: Annotated[Path, typer.Option("--data", help="Shards whose val faces are used.")] = Path("data/shards"),
     margins: str = typer.Option("-0.15,-0.1,-0.05,0,0.05,0.1,0.2,0.3", "--margins", help="Margins to try "
                                  "(fraction of the box side per side; negative crops inside the box)."),
     limit: int = typer.Option(4000, "--limit", help="Val faces to use at most."),
-    json_path: Path = typer.Option(Path("benchmarks/results/margin-cpu.json"), "--json", help="Where to write results."),
+    json_path: ResultJson = Path("benchmarks/results/margin-cpu.json"),
 ):
     """Accuracy of val faces found by the detector on a canvas, per crop margin (how predict's margin was chosen)."""
     from benchmarks.bench_predict import margin_sweep
@@ -147,3 +155,11 @@ def _options_checked():
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    """--sizes: whole numbers, comma-separated (ValueError, a one-line error, for anything else)."""
+    try:
+        return [int(part) for part in _csv(text)]
+    except ValueError:
+        raise ValueError(f"{text!r}: expected whole numbers separated by commas, e.g. 48,112") from None

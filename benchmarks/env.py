@@ -1,4 +1,14 @@
-"""Who measured what: machine, versions, git commit. Every result file embeds this."""
+"""What every benchmark shares: who measured what, the clock, devices and dtypes.
+
+* `environment()` / `write_result()`: machine, versions and git commit, embedded in every
+  result file;
+* `timed_runs()` / `median_time()`: the clock, with the device synchronised before it is read;
+* `resolve_device()`, `sync()`, `torch_dtype()`: what a `--device` or `--dtype` option names;
+* `loader_stream()`: a loader's batches epoch after epoch, for as many batches as a timing takes;
+* `ROOT`, `child_env()`: the source tree, and the environment a benchmark child process runs in.
+
+torch is imported where it is used, not here: `bench pack` times packing without it.
+"""
 from __future__ import annotations
 
 import datetime
@@ -11,6 +21,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype / --dtypes accept
 PACKAGES = ("torch", "torchvision", "triton", "nvidia-dali-cuda130", "timm", "numpy", "h5py", "pillow")
 
 
@@ -27,7 +39,7 @@ def _cpu_name() -> str:
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+                              cwd=ROOT).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -68,16 +80,65 @@ def environment() -> dict:
     }
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Run fn warmup times untimed, then `repeats` timed; return (median seconds, all)."""
+def resolve_device(name: str):
+    """The torch.device a --device option names: "auto" is CUDA where available, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync(device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on the CPU or for None)."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def torch_dtype(name: str):
+    """The torch dtype a --dtype option names; ValueError (a one-line CLI error) for any other name."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, name)
+
+
+def timed_runs(fn, repeats: int, warmup: int = 0, device=None) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, after `warmup` untimed calls; `device` is synchronised
+    before the clock starts and before it is read, so queued GPU work is counted where it was queued."""
     for _ in range(warmup):
         fn()
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def median_time(fn, repeats: int, warmup: int = 1, device=None) -> tuple[float, list[float]]:
+    """Run fn warmup times untimed, then `repeats` timed; return (median seconds, all)."""
+    times = timed_runs(fn, repeats, warmup, device)
     return statistics.median(times), times
+
+
+def loader_stream(loader):
+    """The loader's batches without end: epoch 0, 1, 2, ... (each epoch set before it is read)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def child_env() -> dict:
+    """os.environ with the source tree first on PYTHONPATH: a child process imports this checkout."""
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def write_result(path: Path, payload: dict) -> None:

@@ -35,8 +35,10 @@ from pathlib import Path
 
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "augment", "loader", "train", "accuracy")
+from benchmarks import gpu_parts
+from benchmarks.env import ROOT, child_env, environment
+
+PARTS = tuple(gpu_parts.PARTS)  # tests, augment, loader, train, accuracy: the order they run in
 # Each part's share of the budget; accuracy gets whatever the others leave (at least its share).
 # Sized for one H100 at the default 540 s: train holds three EfficientNet-B0 compiles (48/112/224 px),
 # accuracy a ~5 minute recipes/gpu.toml run plus its evaluations.
@@ -54,11 +56,10 @@ def run_part(name: str, settings: dict, scratch: Path, box_s: float) -> dict:
     part_dir.mkdir(parents=True, exist_ok=True)
     settings_path, result_path = part_dir / "settings.json", part_dir / "result.json"
     settings_path.write_text(json.dumps({**settings, "scratch": str(part_dir), "deadline_s": box_s}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
     # Its own session, so the time box ends the part and everything it started (pytest, a training run).
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_parts", name, str(settings_path),
-                             str(result_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             str(result_path)], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=box_s)
@@ -131,8 +132,6 @@ def summary_markdown(report: dict) -> str:
 
 
 def check(data: Path, out: Path, smoke: bool, budget_s: float) -> dict:
-    from benchmarks.env import environment
-
     if not (data / "manifest.json").is_file():
         raise typer.BadParameter(f"{data}: no manifest.json; pack the data first: facesense pack SRC --out {data}",
                                  param_hint="--data")

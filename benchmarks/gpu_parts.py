@@ -21,18 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from benchmarks.env import ROOT, child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "test_efficientnet"  # timm's ~100k-parameter EfficientNet: the real code path, seconds on a CPU
 
 # What the issue measures against (figures, not assertions).
 TARGETS = {"triton_224_fp16_images_per_s": 200_000, "end_to_end_over_ceiling": 0.97,
            "resident_over_dataloader_224": 10.0, "val_accuracy": 0.70}
-
-
-def has_cuda() -> bool:
-    return torch.cuda.is_available()
 
 
 def has_dali() -> bool:
@@ -46,10 +41,6 @@ def has_dali() -> bool:
 def save_partial(settings: dict, result: dict) -> None:
     """Write what is finished so far: if the time box ends this part, the check keeps it."""
     Path(settings["result"]).write_text(json.dumps({**result, "partial": True}, indent=1, default=str) + "\n")
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 # --------------------------------------------------------------------------------------
@@ -68,7 +59,7 @@ def part_tests(settings: dict) -> dict:
     with open(log, "w") as fh:
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *selection],
-                                  cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+                                  cwd=ROOT, env=child_env(), stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = None
@@ -193,7 +184,7 @@ def part_accuracy(settings: dict) -> dict:
     box = max(10.0, settings["deadline_s"] - EVAL_RESERVE_S)
     start = time.perf_counter()
     with open(scratch / "train.log", "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "facesense", *args], cwd=ROOT, env=_env(), stdout=fh,
+        proc = subprocess.Popen([sys.executable, "-m", "facesense", *args], cwd=ROOT, env=child_env(), stdout=fh,
                                 stderr=subprocess.STDOUT)
         try:
             code, boxed = proc.wait(timeout=box), False
@@ -238,6 +229,7 @@ def part_accuracy(settings: dict) -> dict:
     }
 
 
+# The parts in the order the check runs them (gpu_check.PARTS is this order).
 PARTS = {"tests": part_tests, "augment": part_augment, "loader": part_loader, "train": part_train,
          "accuracy": part_accuracy}
 

@@ -98,9 +98,9 @@ def finish_stage(gray: torch.Tensor, params: AugParams, out: OutputSpec,
     return into
 
 
-def augment_explicit(images: torch.Tensor, index: torch.Tensor, params: AugParams,
-                     out: OutputSpec) -> torch.Tensor:
-    """Same contract and result as `augment_reference`, eager, with fresh buffers."""
+def augment_eager(images: torch.Tensor, index: torch.Tensor, params: AugParams,
+                  out: OutputSpec) -> torch.Tensor:
+    """The two stages run eagerly into fresh buffers: same contract and result as `augment_reference`."""
     b, s = index.shape[0], out.size
     gray = gray_stage(images, index, params, s, torch.empty(b, s, s, device=images.device))
     result = torch.empty(b, s, s, out.channels, dtype=out.dtype, device=images.device)
@@ -114,7 +114,7 @@ def _compiled_stages():
 
 
 class CpuAugmenter:
-    """`augment_explicit` compiled (once per batch shape), writing into reused buffers.
+    """`augment_eager` compiled (once per batch shape), writing into reused buffers.
 
     The gray plane is private and always reused; output batches come from a
     `BufferPool`, so memory is reused only once the caller has let go of a batch.
@@ -135,6 +135,6 @@ class CpuAugmenter:
         return self._finish_stage(gray, params, out, result).permute(0, 3, 1, 2)
 
 
-def compiled_explicit() -> CpuAugmenter:
+def compiled_engine() -> CpuAugmenter:
     """A fresh CPU engine (the compiled code is shared; the buffers are its own)."""
     return CpuAugmenter()

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.classes import FER2013_CLASSES, SPLITS, USAGE_TO_SPLIT
+from pipeline.classes import FACE_SIZE, FER2013_CLASSES, SPLITS, USAGE_TO_SPLIT
 from pipeline.errors import BadItem, PackError, clip
 
-PIXELS = 48 * 48
+PIXELS = FACE_SIZE * FACE_SIZE  # values in one row's pixels field
 REQUIRED = ("emotion", "pixels", "usage")
 
 
@@ -100,7 +100,7 @@ def read_csv(path: Path) -> CsvRows:
     images, pixel_bad = parse_pixels(pixel_fields)
     for row, reason in pixel_bad.items():
         bad.setdefault(row, reason)
-    return CsvRows(images.reshape(-1, 48, 48), np.array(labels, np.int64), np.array(splits, np.uint8),
+    return CsvRows(images.reshape(-1, FACE_SIZE, FACE_SIZE), np.array(labels, np.int64), np.array(splits, np.uint8),
                    np.array(line_nos, np.int64), bad)
 
 

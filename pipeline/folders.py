@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import forkpool, jpeg_fast
-from pipeline.classes import FER2013_CLASSES, SPLITS, USAGE_TO_SPLIT, folder_class_index
+from pipeline.classes import FACE_SIZE, FER2013_CLASSES, SPLITS, USAGE_TO_SPLIT, folder_class_index
 from pipeline.errors import BadItem, PackError
 from pipeline.progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SIDE = 48
 # Larger images are refused before decoding (decompression bombs); --resize takes anything up to this.
 MAX_PIXELS = 4096 * 4096
 CHUNK = 512  # files per worker task: large enough to hide task overhead, small enough for a smooth bar
@@ -149,13 +148,14 @@ def _decode_with_pil(path: str, resize: bool) -> tuple[np.ndarray | None, str | 
             width, height = img.size
             if width * height > MAX_PIXELS:
                 return None, f"image is {width}x{height}, larger than {MAX_PIXELS:,} pixels (not a face crop)"
-            if img.size != (SIDE, SIDE) and not resize:
-                return None, f"image is {width}x{height}, expected {SIDE}x{SIDE} (pass --resize to resize it)"
+            if img.size != (FACE_SIZE, FACE_SIZE) and not resize:
+                return None, (f"image is {width}x{height}, expected {FACE_SIZE}x{FACE_SIZE} "
+                              f"(pass --resize to resize it)")
             img = _gray8(img)
             if img is None:
                 return None, "32-bit integer or float image; save it as 8-bit gray or colour"
-            if img.size != (SIDE, SIDE):
-                img = img.resize((SIDE, SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
+            if img.size != (FACE_SIZE, FACE_SIZE):
+                img = img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.BILINEAR, reducing_gap=None)
             return np.asarray(img), None
     except Image.DecompressionBombError as exc:
         return None, f"image too large ({str(exc).splitlines()[0][:80]})"
@@ -189,7 +189,7 @@ def _decode_chunk(task: tuple[str, int, list[str], bool]):
     """
     root, start, rels, resize = task
     out = _OUTPUT[start:start + len(rels)]
-    band = jpeg_fast.GrayBand(len(rels), SIDE) if jpeg_fast.AVAILABLE else None
+    band = jpeg_fast.GrayBand(len(rels), FACE_SIZE) if jpeg_fast.AVAILABLE else None
     fast = np.zeros(len(rels), bool)
     sizes, mtimes, bad = [], [], []
     for i, rel in enumerate(rels):
@@ -242,7 +242,7 @@ def decode_images(src: Path, paths: list[str], *, workers: int, resize: bool, sk
     keep = np.ones(len(paths), bool)
     fingerprint = hashlib.sha256()
     skipped = []
-    images = _OUTPUT = _shared_array((len(paths), SIDE, SIDE))
+    images = _OUTPUT = _shared_array((len(paths), FACE_SIZE, FACE_SIZE))
     try:
         with progress_bar("decode", total=len(paths), enabled=show_progress) as advance, \
                 forkpool.ordered_map(_decode_chunk, tasks, workers) as results:

@@ -1,9 +1,11 @@
 """`facesense pack`: FER2013 (image folders or CSV, optionally FER+ labels) -> verified HDF5 shards.
 
 The output appears atomically: everything is built in a hidden temporary directory
-beside DIR and renamed into place only when complete. An interrupted pack removes
-its temporary directory; one killed outright (SIGKILL) leaves it, and the next pack
-into the same DIR removes it. Rerunning on an unchanged source does nothing.
+beside DIR and renamed into place only when complete (`staging.staged_dir`). An
+interrupted pack removes its temporary directory; one killed outright (SIGKILL) leaves
+it, and the next pack into the same DIR removes it. SIGTERM counts as an interrupt
+where the program installed `interrupts.install_signal_policy` (the CLI does).
+Rerunning on an unchanged source does nothing.
 
 Pack deletes only what it can prove it wrote: a previous pack's manifest.json and the
 shard files that manifest lists, and its own partial directories. An --out holding
@@ -11,17 +13,10 @@ anything else, or one that contains the source or lies inside it, is refused.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import re
-import shutil
-import signal
-import sys
-import tempfile
-import threading
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,9 +25,10 @@ import numpy as np
 from pipeline import csv_source, folders, forkpool
 from pipeline.classes import FER2013_CLASSES, FERPLUS_CLASSES, SPLITS
 from pipeline.duplicates import find_duplicates
-from pipeline.errors import BadItem, PackError, clip, mount_point, no_space
+from pipeline.errors import BadItem, PackError, clip
 from pipeline.ferplus import DROP, read_ferplus
 from pipeline.shards import FORMAT_VERSION, MANIFEST, sha256_file, split_entry, write_shard
+from pipeline.staging import staged_dir
 
 
 @dataclass(frozen=True)
@@ -48,8 +44,8 @@ class PackOptions:
 
 
 @dataclass
-class Loaded:
-    """A source in memory, before splitting into shards."""
+class SourceImages:
+    """A source's usable images, decoded, with their labels, splits and ids: what the shards get."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -78,6 +74,33 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
          force: bool = False, show_progress: bool = True) -> tuple[dict, bool]:
     """Pack src into out. Returns (manifest, built): built is False when out was already up to date."""
     src, out = Path(src).resolve(), Path(out).resolve()
+    fmt = _check_request(src, out, opts)
+    owned = _owned_files(out) if out.exists() else set()  # refuses an --out holding foreign files
+    scan = folders.scan_folders(src) if fmt == "folders" else None
+    if scan is not None and scan.bad and not opts.skip_bad:
+        raise BadItem(str(src / scan.bad[0][0]), scan.bad[0][1])
+    ferplus_sha = _sha256_or_fail(Path(opts.ferplus)) if opts.ferplus else None
+
+    source_id = None  # identity of the source contents; from the decode itself unless needed now
+    if owned and not force:
+        source_id = folders.stat_fingerprint(src, scan.paths) if scan is not None else _sha256_or_fail(src)
+        existing = out / MANIFEST
+        if _read_fingerprint(existing) == _fingerprint(fmt, source_id, ferplus_sha, opts):
+            return json.loads(existing.read_text()), False
+
+    with staged_dir(out, owned) as tmp:
+        workers = workers or os.cpu_count() or 1
+        images = (_load_folders(src, scan, opts, workers, show_progress) if fmt == "folders"
+                  else _load_csv(src, opts))
+        # Folders: the decode's own stat of each file it read. CSV: its sha256.
+        source_id = images.source_id or source_id or _sha256_or_fail(src)
+        fingerprint = _fingerprint(fmt, source_id, ferplus_sha, opts)
+        manifest = _write(tmp, images, opts, fmt, src, fingerprint, workers)
+    return manifest, True
+
+
+def _check_request(src: Path, out: Path, opts: PackOptions) -> str:
+    """The source format; PackError for options out of range and for an --out pack must not use."""
     fmt = detect_format(src, opts.format)
     if opts.ferplus and fmt != "csv":
         raise PackError("--ferplus relabels the CSV source: pass fer2013.csv as SRC")
@@ -88,58 +111,7 @@ def pack(src: Path | str, out: Path | str, opts: PackOptions = PackOptions(), *,
     if opts.seed < 0:
         raise PackError(f"--seed {opts.seed}: must be zero or more")
     _check_out(src, out)
-    owned = _owned_files(out) if out.exists() else set()  # refuses an --out holding foreign files
-    scan = folders.scan_folders(src) if fmt == "folders" else None
-    if scan is not None and scan.bad and not opts.skip_bad:
-        raise BadItem(str(src / scan.bad[0][0]), scan.bad[0][1])
-    ferplus_sha = _sha256_or_fail(Path(opts.ferplus)) if opts.ferplus else None
-
-    existing = out / MANIFEST
-    source_id = None  # identity of the source contents; from the decode itself unless needed now
-    if out.exists():
-        if owned and not force:
-            source_id = (folders.stat_fingerprint(src, scan.paths) if scan is not None
-                         else _sha256_or_fail(src))
-            fingerprint = _fingerprint(fmt, source_id, ferplus_sha, opts)
-            if _read_fingerprint(existing) == fingerprint:
-                return json.loads(existing.read_text()), False
-    new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PackError(f"--out {out}: cannot create {exc.filename or out.parent} ({exc.strerror})") from exc
-    _remove_stale_partials(out)
-
-    partial_prefix = f".{out.name}.partial-{os.getpid()}-"
-    with _interrupts_raise() as check_interrupted:
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=partial_prefix, dir=out.parent))
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; DIR gets the usual permissions
-            workers = workers or os.cpu_count() or 1
-            loaded = (_load_folders(src, scan, opts, workers, show_progress) if fmt == "folders"
-                      else _load_csv(src, opts))
-            # Folders: the decode's own stat of each file it read. CSV: its sha256.
-            source_id = loaded.source_id or source_id or _sha256_or_fail(src)
-            fingerprint = _fingerprint(fmt, source_id, ferplus_sha, opts)
-            manifest = _write(tmp, loaded, opts, fmt, src, fingerprint, workers)
-            check_interrupted()  # an interrupt Python swallowed must not publish the output
-            _replace_dir(tmp, out, owned)
-        except BaseException as exc:
-            # By prefix, not by `tmp`: an interrupt can land inside mkdtemp, after the mkdir.
-            for partial in out.parent.glob(f"{glob.escape(partial_prefix)}*"):
-                shutil.rmtree(partial, ignore_errors=True)
-            for parent in new_parents:  # a failed pack leaves no trace, not even empty parents
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-            if isinstance(exc, (OSError, RuntimeError)) and no_space(exc):  # HDF5 says it in a traceback
-                raise PackError(f"no space left on device {mount_point(out.parent)} (writing {out}); "
-                                f"nothing was written, {out} is as it was") from exc
-            if isinstance(exc, PermissionError):
-                raise PackError(f"{exc.filename or out.parent}: permission denied; choose another --out") from exc
-            raise
-    return manifest, True
+    return fmt
 
 
 # A shard file name as write_shard makes it; nothing else in a manifest is trusted as ours.
@@ -181,12 +153,6 @@ def _owned_files(out: Path) -> set[str]:
     return owned
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; set straight back (no threads run here yet)
-    os.umask(mask)
-    return mask
-
-
 def _sha256_or_fail(path: Path) -> str:
     try:
         return sha256_file(path)
@@ -209,7 +175,7 @@ def _read_fingerprint(manifest_path: Path) -> str | None:
         return None
 
 
-def _load_folders(src: Path, scan, opts: PackOptions, workers: int, show_progress: bool) -> Loaded:
+def _load_folders(src: Path, scan, opts: PackOptions, workers: int, show_progress: bool) -> SourceImages:
     images, keep, skipped, source_id = folders.decode_images(
         src, scan.paths, workers=workers, resize=opts.resize, skip_bad=opts.skip_bad,
         show_progress=show_progress)
@@ -225,12 +191,12 @@ def _load_folders(src: Path, scan, opts: PackOptions, workers: int, show_progres
         notes["val_from_train"] = True
     splits[splits == 255] = SPLITS.index("train")
     if keep.all():  # the usual case: no 74 MB copy
-        return Loaded(images, scan.labels, splits, scan.paths, FER2013_CLASSES, skipped, notes, source_id)
-    return Loaded(images[keep], scan.labels[keep], splits[keep], [p for p, k in zip(scan.paths, keep) if k],
+        return SourceImages(images, scan.labels, splits, scan.paths, FER2013_CLASSES, skipped, notes, source_id)
+    return SourceImages(images[keep], scan.labels[keep], splits[keep], [p for p, k in zip(scan.paths, keep) if k],
                   FER2013_CLASSES, skipped, notes, source_id)
 
 
-def _load_csv(src: Path, opts: PackOptions) -> Loaded:
+def _load_csv(src: Path, opts: PackOptions) -> SourceImages:
     rows = csv_source.read_csv(src)
     keep = np.ones(len(rows.labels), bool)
     skipped = []
@@ -247,11 +213,11 @@ def _load_csv(src: Path, opts: PackOptions) -> Loaded:
         keep &= labels != DROP
         classes, notes = FERPLUS_CLASSES, {"ferplus_dropped": drops}
     ids = [f"{src.name}:{line}" for line in rows.lines[keep]]
-    return Loaded(rows.images[keep], labels[keep], rows.splits[keep], ids, classes, skipped, notes)
+    return SourceImages(rows.images[keep], labels[keep], rows.splits[keep], ids, classes, skipped, notes)
 
 
 # (out_dir, data) for forked shard writers: they inherit it instead of unpickling 74 MB.
-_SHARD_SOURCE: tuple[Path, Loaded] | None = None
+_SHARD_SOURCE: tuple[Path, SourceImages] | None = None
 
 
 def _write_shard_job(job: tuple[str, int, np.ndarray]) -> dict:
@@ -261,7 +227,7 @@ def _write_shard_job(job: tuple[str, int, np.ndarray]) -> dict:
                        [data.ids[i] for i in idx], data.classes)
 
 
-def _write_shards(out_dir: Path, data: Loaded, jobs: list, workers: int) -> list[dict]:
+def _write_shards(out_dir: Path, data: SourceImages, jobs: list, workers: int) -> list[dict]:
     """Write the planned shards, in parallel where there are workers (each is an HDF5 write and a sha256)."""
     global _SHARD_SOURCE
     _SHARD_SOURCE = (out_dir, data)
@@ -272,7 +238,7 @@ def _write_shards(out_dir: Path, data: Loaded, jobs: list, workers: int) -> list
         _SHARD_SOURCE = None
 
 
-def _write(tmp: Path, data: Loaded, opts: PackOptions, fmt: str, src: Path, fingerprint: str,
+def _write(tmp: Path, data: SourceImages, opts: PackOptions, fmt: str, src: Path, fingerprint: str,
            workers: int = 1) -> dict:
     if len(data.images) == 0:
         raise PackError(f"{src}: no usable images (all were skipped or dropped)")
@@ -303,73 +269,3 @@ def _write(tmp: Path, data: Loaded, opts: PackOptions, fmt: str, src: Path, fing
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
-
-
-def _replace_dir(tmp: Path, out: Path, owned: set[str]) -> None:
-    """Move the finished tmp into place; an old DIR is swapped out, then the files we wrote are deleted.
-
-    Only the `owned` names go (checked before the pack): a file that appeared in DIR
-    since then is kept in the swapped-out directory, never deleted.
-    """
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        for name in owned:
-            (old / name).unlink(missing_ok=True)
-        try:
-            old.rmdir()
-        except OSError:
-            print(f"note: files appeared in {out} during the pack; they were moved to {old}", file=sys.stderr)
-    else:
-        tmp.rename(out)
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Delete temporary dirs left by packs into `out` that were killed (their pid is gone)."""
-    prefix = f".{out.name}.partial-"
-    for path in out.parent.glob(f"{prefix}*"):
-        try:
-            pid = int(path.name[len(prefix):].split("-")[0])  # out.name may itself hold '-'
-            os.kill(pid, 0)  # raises if no such process
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue
-
-
-@contextmanager
-def _interrupts_raise():
-    """Turn SIGTERM (and Ctrl-C) into KeyboardInterrupt so the cleanup above runs (main thread only).
-
-    Python drops an exception raised by a signal handler that lands inside a weakref
-    callback or an at-fork hook (pool start-up does both), so the signal is also
-    remembered: the yielded check raises before the output is moved into place, and
-    the dropped exception's "Exception ignored" traceback is not printed.
-    """
-    received: list[int] = []
-
-    def check() -> None:
-        if received:
-            raise KeyboardInterrupt(f"signal {received[0]}")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield check
-        return
-
-    def handler(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def unraisable(info):
-        if not (received and isinstance(info.exc_value, KeyboardInterrupt)):
-            previous_hook(info)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    try:
-        yield check
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        sys.unraisablehook = previous_hook

@@ -1,4 +1,4 @@
-"""The project's one wrapper around rich's progress display: the pack's decode bar and the training bar."""
+"""The project's one wrapper around rich's progress display: the pack's decode bar, the training bar, predict's frame bar."""
 from __future__ import annotations
 
 import sys
@@ -9,16 +9,19 @@ class Bar:
     """`label`, the bar, done/total, then `fields`, then the time left; draws nothing when disabled.
 
     `label` and `fields` are rich format strings over the task: "loss {task.fields[loss]}".
+    `console`: draw on this rich Console (one the caller also prints its messages to, so they
+    appear above the bar); otherwise a fresh one on stderr when `stderr`, else rich's default.
     """
 
     def __init__(self, label: str, *fields: str, enabled: bool = True, stderr: bool = False,
-                 transient: bool = False):
+                 transient: bool = False, console=None):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        if console is None and stderr:
+            console = Console(stderr=True)
         self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields),
-                                 TimeRemainingColumn(), console=Console(stderr=True) if stderr else None,
-                                 transient=transient, disable=not enabled)
+                                 TimeRemainingColumn(), console=console, transient=transient, disable=not enabled)
         self.enabled, self.task = enabled, None
 
     def __enter__(self):
@@ -28,8 +31,8 @@ class Bar:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def restart(self, total: int, completed: int = 0, **fields) -> None:
-        """A fresh task (the previous one is removed), `completed` of `total` done."""
+    def restart(self, total: int | None, completed: int = 0, **fields) -> None:
+        """A fresh task (the previous one is removed), `completed` of `total` done (None: unknown total)."""
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task("", total=total, completed=completed, **fields)

@@ -220,3 +220,23 @@ def icml_csv(tmp_path) -> CsvSource:
     path = write_fer_csv(tmp_path / "icml_face_data.csv", rows, variant="icml")
     return CsvSource(path, rows)
 
+
+
+@pytest.fixture
+def signal_policy(monkeypatch):
+    """The CLI's signal policy (SIGTERM -> KeyboardInterrupt, swallowed signals kept) in this
+    process, as `facesense.cli.main` installs it; handlers and hook are put back afterwards."""
+    import signal
+    import sys
+
+    from pipeline import interrupts
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(interrupts, "_previous_hook", interrupts._previous_hook)
+    monkeypatch.setattr(interrupts, "_swallowed", [])
+    interrupts.install_signal_policy()
+    assert signal.getsignal(signal.SIGTERM) is interrupts._raise  # else a test's SIGTERM would kill pytest
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

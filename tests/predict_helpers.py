@@ -13,7 +13,6 @@ from facesense.core.model import create_model
 from pipeline.classes import FER2013_CLASSES
 from train_helpers import MODEL, ROOT
 
-SHARDS = ROOT / "data" / "shards"
 FER = ROOT.parent / "shared" / "fer2013"
 # The astronaut's face in skimage.data.astronaut() (512x512), located by eye: centre and side in pixels.
 ASTRONAUT_FACE_CENTRE, ASTRONAUT_FACE_SIDE = (225, 115), 95
@@ -41,16 +40,20 @@ def make_checkpoint(path: Path, *, img_size: int = 48, channels: int = 1, ema: b
 
 
 def torch_logits(checkpoint: Path, x: torch.Tensor, which: str = "auto") -> torch.Tensor:
-    """The checkpoint's network in plain PyTorch (eval mode) on a prepared batch."""
-    from facesense.core.checkpoint import eval_weights, load_checkpoint
+    """The checkpoint's network in plain PyTorch (eval mode) on a prepared batch: its evaluation
+    weights ("auto": the EMA when kept, as eval, predict and export use), or ckpt["model"/"ema"]."""
+    from facesense.core.checkpoint import load_checkpoint, load_eval_model
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = ckpt["config"]
-    weights = eval_weights(ckpt)[0] if which == "auto" else ckpt[which]
-    model = create_model(cfg["model"], cfg["channels"], len(ckpt["classes"]))
-    model.load_state_dict(weights)
+    if which == "auto":
+        model = load_eval_model(checkpoint).model
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        cfg = ckpt["config"]
+        model = create_model(cfg["model"], cfg["channels"], len(ckpt["classes"]))
+        model.load_state_dict(ckpt[which])
+        model.eval()
     with torch.no_grad():
-        return model.eval()(x)
+        return model(x)
 
 
 def astronaut_bgr() -> np.ndarray:
@@ -86,13 +89,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def fer_val(n: int):
-    """n real FER2013 val (PublicTest) faces from the packed shards, with their source files; None if absent."""
-    if not (SHARDS / "manifest.json").is_file() or not FER.is_dir():
-        return None
-    from pipeline.shards import read_split
+    """n real FER2013 val (PublicTest) faces from ../shared/fer2013, classes interleaved, decoded as
+    `facesense pack` decodes them: (images, labels, files); None when the folder is absent."""
+    from pipeline.folders import decode_images
 
-    split = read_split(SHARDS, "val", with_ids=True)
-    files = [FER / i for i in split.ids[:n]]
-    if not all(f.is_file() for f in files):
+    if not (FER / "test").is_dir():
         return None
-    return split.images[:n], split.labels[:n], files
+    per_class = [sorted((FER / "test" / name).glob("PublicTest_*.jpg")) for name in FER2013_CLASSES]
+    order = [(label, files[k]) for k in range(n) for label, files in enumerate(per_class) if k < len(files)][:n]
+    if len(order) < n:
+        return None
+    files = [f for _, f in order]
+    images, keep, _, _ = decode_images(FER, [f.relative_to(FER).as_posix() for f in files], workers=1,
+                                       resize=False, skip_bad=False, show_progress=False)
+    assert keep.all()
+    return np.array(images), np.array([label for label, _ in order], np.int64), files

@@ -11,7 +11,11 @@ import torch
 from benchmarks import gpu_check
 from train_helpers import ROOT, child_env, make_shards
 
-PARTS = ("tests", "augment", "loader", "train", "accuracy")
+PARTS = gpu_check.PARTS  # one list: benchmarks/gpu_parts.PARTS, in running order
+
+
+def test_the_check_runs_the_five_documented_parts_in_order():
+    assert PARTS == ("tests", "augment", "loader", "train", "accuracy")
 
 
 @pytest.fixture(scope="module")

@@ -1,87 +1,27 @@
-"""The fused Triton augmentation kernel against the pure-torch reference (the spec).
+"""The fused Triton kernel: what only it has. Its comparison with the reference, and the identity,
+run in tests/test_engines.py with the other engines.
 
-Without a GPU the kernel runs in Triton's CPU interpreter: slow, so batches are small.
+Without a GPU the kernel runs in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before any import): slow, so batches are small.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-# Triton picks the interpreter when @triton.jit decorates the kernel, i.e. when
-# kernels.triton_augment is imported, so the variable must be set before that import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernels.reference import augment_reference
+from kernels.spec import AugConfig, identity_params, sample_params
+from kernels.triton_augment import augment_triton, triton_available
+from test_engines import DEVICE, DTYPES, EXACT, assert_close, output_spec as make_spec, random_images, unit_scale
 
-from kernels.reference import augment_reference  # noqa: E402
-from kernels.spec import (AugConfig, OutputSpec, erase_box, identity_params,  # noqa: E402
-                          sample_params)
-from kernels.triton_augment import augment_triton, triton_available  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-MAX_ERR, MEAN_ERR = 2 / 255, 0.5 / 255  # on the [0, 1] scale, before normalising
-# "Exact" in float32: source coordinates near pixel 47 carry ~4e-6 of rounding, and
-# undoing the normalisation adds a little more; 1e-5 is 0.003/255.
-EXACT = 1e-5
 CFG = AugConfig(erase_p=0.5)  # default geometry/jitter ranges, and erasing half the time
 
 
-def make_images(n=10, h=48, w=48, seed=0, device=DEVICE):
-    # Random noise is the hardest case for interpolation: neighbours differ by up to 255.
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, h, w), dtype=torch.uint8, generator=g).to(device)
-
-
-def make_spec(size, channels, dtype=torch.float32):
-    if channels == 3:  # distinct per-channel stats, so a channel mix-up shows
-        return OutputSpec(size=size, channels=3, mean=(0.485, 0.456, 0.406),
-                          std=(0.229, 0.224, 0.225), dtype=dtype)
-    return OutputSpec(size=size, channels=1, mean=(0.5,), std=(0.25,), dtype=dtype)
-
-
-def unit_scale(x, spec):
-    """Undo the normalisation: back to [0, 1] intensities in float32."""
-    mean, std = spec.channel_stats()
-    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return x.float() * std + mean
-
-
-def check_close(got, want, spec, max_err=MAX_ERR, mean_err=MEAN_ERR):
-    assert got.shape == want.shape and got.dtype == want.dtype
-    err = (unit_scale(got, spec) - unit_scale(want, spec)).abs()
-    assert err.max().item() <= max_err, f"max abs err {err.max().item() * 255:.4f}/255"
-    assert err.mean().item() <= mean_err, f"mean abs err {err.mean().item() * 255:.4f}/255"
-    return err
+def make_images(n=10, device=DEVICE):
+    return random_images(n, device=device)
 
 
 def sampled(n, seed=1):
     return sample_params(n, CFG, torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("size", [48, 112])
-def test_matches_reference(size, channels, dtype):
-    images, index = make_images(), torch.tensor([3, 1, 4, 1, 5, 9], device=DEVICE)
-    params, spec = sampled(6), make_spec(size, channels, dtype)
-    assert params.erase.any() and not params.erase.all(), "seed should erase some, not all"
-    got = augment_triton(images, index, params, spec)
-    want = augment_reference(images, index, params, spec)
-    check_close(got, want, spec)
-    if dtype != torch.float32:
-        # Both round float32 to nearest even, so only values whose float32 inputs differ
-        # by a hair across a rounding boundary disagree (~1%); truncation would be ~50%.
-        assert (got != want).float().mean().item() <= 0.05
-    # Erased pixels are exactly 0 (the mean) in every channel, and only those.
-    box = erase_box(params, size)
-    ys, xs = torch.arange(size)[:, None], torch.arange(size)[None, :]
-    for i, (x0, y0, x1, y1) in enumerate(box.tolist()):
-        inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
-        sample = got[i].float().cpu()
-        assert (sample[:, inside] == 0).all()
-        assert inside.any() == bool(params.erase[i])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -95,25 +35,8 @@ def test_flip_is_exact(dtype):
     # Half dtypes: float32 noise may tip a value to the neighbouring representable one,
     # one ulp at |normalised| < 4 (2 eps), i.e. 2 eps * std on the [0, 1] scale.
     tol = EXACT if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * spec.std[0]
-    check_close(got, augment_reference(images, index, params, spec), spec, tol, tol)
+    assert_close(got, augment_reference(images, index, params, spec), spec, tol, tol)
     assert (unit_scale(got, spec)[:, 0] - want).abs().max().item() <= tol + EXACT
-
-
-def test_identity_at_native_size_returns_input():
-    images, index = make_images(), torch.arange(10, device=DEVICE)
-    spec = make_spec(48, 3)
-    got = unit_scale(augment_triton(images, index, identity_params(10), spec), spec)
-    want = (images.float() / 255)[:, None].expand(-1, 3, -1, -1)
-    assert (got - want).abs().max().item() <= EXACT
-
-
-def test_identity_at_112_is_bilinear_resize():
-    images, index = make_images(), torch.arange(6, device=DEVICE)
-    spec = make_spec(112, 1)
-    got = unit_scale(augment_triton(images, index, identity_params(6), spec), spec)
-    want = F.interpolate(images[:6, None].float() / 255, size=(112, 112), mode="bilinear",
-                         align_corners=False)
-    assert (got - want).abs().max().item() <= 1e-5
 
 
 def test_jitter_formula_without_reference():
@@ -172,7 +95,7 @@ def test_rejects_bad_input():
 def test_triton_available(monkeypatch):
     import kernels.triton_augment as module
 
-    assert triton_available(DEVICE)  # this module set TRITON_INTERPRET=1 on a CPU-only machine
+    assert triton_available(DEVICE)  # conftest set TRITON_INTERPRET=1 on a CPU-only machine
     assert not triton_available("meta")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert triton_available("cpu") is False  # without the interpreter Triton cannot run on CPU
@@ -194,8 +117,8 @@ class TestCompiledOnGPU:
         index = torch.randint(0, 500, (256,), generator=gen).cuda()
         params, spec = sampled(256), make_spec(size, channels, dtype)  # params stay on the CPU
         got = augment_triton(images, index, params, spec)
-        assert got.is_cuda and got.is_contiguous(memory_format=torch.channels_last)
-        check_close(got, augment_reference(images, index, params, spec), spec)
+        assert got.is_cuda
+        assert_close(got, augment_reference(images, index, params, spec), spec)
 
     def test_identity_at_112_is_bilinear_resize(self):
         images = make_images(n=64, device="cuda")

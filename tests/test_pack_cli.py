@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -189,9 +189,55 @@ def test_module_entry_point_runs(tmp_path):
 
 # ----------------------------------------------------------------------------- interrupts
 
+# A pack that stops at a known point and waits there for the test's signal: no timing, no polling.
+# It runs `facesense` with forkpool.ordered_map wrapped: in its Nth use (1: decoding, 2: writing
+# shards) the parent, after taking the first result and with any worker pool still running, says
+# "paused" on stdout and blocks until a signal arrives. The wakeup fd makes that wait race-free
+# whichever thread the kernel hands the signal to (the pool's threads do not block it); the
+# policy's own handler then raises in the main thread, exactly as for a signal at any other time.
+PAUSED_PACK = """
+import os, signal, sys
+from contextlib import contextmanager
+from pipeline import forkpool
+from facesense.cli import main
+
+pause_in = int(sys.argv.pop(1))
+real_map, uses = forkpool.ordered_map, []
+
+def pause():
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    print("paused", flush=True)
+    os.read(wake_r, 1)  # raises here if the signal lands on this thread
+    for _ in range(10_000_000):  # else the handler runs at the first check point of this loop
+        pass
+    sys.exit("paused pack: no handler raised")
+
+def pause_after_first(results):
+    results = iter(results)
+    yield next(results)
+    pause()
+    yield from results
+
+@contextmanager
+def ordered_map(fn, tasks, workers):
+    uses.append(fn)
+    with real_map(fn, tasks, workers) as results:
+        yield pause_after_first(results) if len(uses) == pause_in else results
+
+forkpool.ordered_map = ordered_map
+sys.argv[0] = "facesense"
+main()
+"""
+PAUSE_IN = {"partial": 1, "shard": 2}  # decoding (the partial dir exists), writing shards (it holds one)
+
+
 @pytest.fixture(scope="module")
 def big_source(tmp_path_factory) -> Path:
-    """3000 tiny JPEGs: long enough to interrupt a one-worker pack partway."""
+    """Tiny JPEGs in more than one decode chunk, so that the pack can pause between chunks."""
+    from pipeline.folders import CHUNK
+
     root = tmp_path_factory.mktemp("big") / "src"
     rng = np.random.default_rng(0)
     blobs = []
@@ -201,34 +247,33 @@ def big_source(tmp_path_factory) -> Path:
         blobs.append(buf.getvalue())
     for c, cls in enumerate(("angry", "happy", "sad")):
         (root / "train" / cls).mkdir(parents=True)
-        for i in range(1000):
+        for i in range(CHUNK // 2 + 1):  # 3 classes: 2 chunks
             (root / "train" / cls / f"Training_{c}_{i}.jpg").write_bytes(blobs[(i + c) % 32])
     return root
 
 
-def start_pack(src: Path, out: Path, workers: int) -> subprocess.Popen:
+def start_pack(src: Path, out: Path, workers: int, when: str) -> subprocess.Popen:
+    """`facesense pack` that pauses at `when` (see PAUSED_PACK)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "facesense", "pack", str(src), "--out", str(out),
+        [sys.executable, "-c", PAUSED_PACK, str(PAUSE_IN[when]), "pack", str(src), "--out", str(out),
          "--workers", str(workers), "--shard-size", "64"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(proc: subprocess.Popen, out: Path, what: str, timeout: float = 60) -> Path:
-    """Poll until the hidden partial dir appears ('partial') or holds a shard ('shard')."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"pack ended before it could be interrupted: {proc.communicate()}"
-        for partial in partials_beside(out):
-            if what == "partial":
-                return partial
-            try:
-                if any(name.endswith(".h5") for name in os.listdir(partial)):
-                    return partial
-            except FileNotFoundError:
-                pass
-        time.sleep(0.005)
-    proc.kill()
-    pytest.fail(f"no {what} appeared within {timeout}s")
+def wait_for(proc: subprocess.Popen, out: Path, what: str, hang_guard: float = 120) -> Path:
+    """Block until the pack says it is paused, then return its partial dir (holding a shard for 'shard')."""
+    ready, _, _ = select.select([proc.stdout], [], [], hang_guard)  # a guard against a hang, not a timing
+    if not ready:
+        proc.kill()
+        pytest.fail(f"the pack did not pause within {hang_guard}s")
+    line = proc.stdout.readline()
+    assert line == "paused\n", f"pack ended before it could be interrupted: {line!r}, {proc.communicate()}"
+    assert proc.poll() is None
+    partials = partials_beside(out)
+    assert len(partials) == 1, partials
+    if what == "shard":
+        assert any(name.endswith(".h5") for name in os.listdir(partials[0])), os.listdir(partials[0])
+    return partials[0]
 
 
 @pytest.mark.parametrize("sig, workers, when", [
@@ -239,7 +284,7 @@ def wait_for(proc: subprocess.Popen, out: Path, what: str, timeout: float = 60) 
 ])
 def test_interrupted_pack_leaves_nothing(big_source, tmp_path, sig, workers, when):
     out = tmp_path / "out"
-    proc = start_pack(big_source, out, workers)
+    proc = start_pack(big_source, out, workers, when)
     partial = wait_for(proc, out, when)
     assert partial.name.startswith(f".out.partial-{proc.pid}-")
     proc.send_signal(sig)
@@ -251,7 +296,7 @@ def test_interrupted_pack_leaves_nothing(big_source, tmp_path, sig, workers, whe
 
 def test_killed_pack_leaves_a_partial_that_the_next_pack_removes(big_source, tmp_path):
     out = tmp_path / "out"
-    proc = start_pack(big_source, out, 1)
+    proc = start_pack(big_source, out, 1, "partial")
     partial = wait_for(proc, out, "partial")
     proc.kill()
     proc.wait(timeout=60)

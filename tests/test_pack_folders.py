@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from conftest import (CLASS_BASE, Tree, assert_nothing_written, class_image, label_from_pixels,
                       one_line, partials_beside, png_tree, save_image, write_tree)
 from pipeline import pack as pack_module
+from pipeline import interrupts, staging
 from pipeline.classes import FER2013_CLASSES, SPLITS, folder_class_index
 from pipeline.errors import BadItem, PackError
 from pipeline.pack import PackOptions, pack
@@ -503,15 +505,17 @@ def test_stale_partials_of_dead_packs_are_removed(tmp_path, out_name):
     for d in (dead, alive, other):
         d.mkdir()
         (d / "train-0.h5").write_bytes(b"x")
-    pack_module._remove_stale_partials(out)
+    staging.remove_stale_partials(out)
     assert not dead.exists()
     assert alive.exists()  # a pack still running (here: this process) keeps its work
     assert other.exists()  # another output's partials are not ours to touch
 
 
-def test_an_interrupt_that_python_swallows_still_stops_the_pack(kaggle: Tree, tmp_path, monkeypatch, capsys):
+def test_an_interrupt_that_python_swallows_still_stops_the_pack(kaggle: Tree, tmp_path, monkeypatch, capsys,
+                                                                signal_policy):
     """A signal whose KeyboardInterrupt lands in a __del__/weakref callback is dropped by Python
-    ("Exception ignored in ..."); pack must still stop before publishing anything."""
+    ("Exception ignored in ..."); under the CLI's signal policy pack must still stop before
+    publishing anything."""
     real_decode = pack_module.folders.decode_images
 
     class RaisesSignalWhenCollected:
@@ -530,18 +534,18 @@ def test_an_interrupt_that_python_swallows_still_stops_the_pack(kaggle: Tree, tm
         run_pack(kaggle.root, out)
     assert_nothing_written(out)
     assert "Exception ignored" not in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) == before_handler  # handlers put back
+    assert signal.getsignal(signal.SIGTERM) == before_handler  # pack itself installs no handlers
     assert sys.unraisablehook is before_hook
 
 
-def test_sigterm_during_a_pack_in_process_cleans_up(kaggle: Tree, tmp_path, monkeypatch):
+def test_sigterm_during_a_pack_in_process_cleans_up(kaggle: Tree, tmp_path, monkeypatch, signal_policy):
     real_write = pack_module.write_shard
     calls = []
 
     def write_shard(out_dir, *args, **kwargs):
         calls.append(out_dir)
         if len(calls) == 2:  # train written, val next: interrupted midway
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # to this thread: the handler runs right here
         return real_write(out_dir, *args, **kwargs)
 
     monkeypatch.setattr(pack_module, "write_shard", write_shard)
@@ -550,3 +554,34 @@ def test_sigterm_during_a_pack_in_process_cleans_up(kaggle: Tree, tmp_path, monk
         run_pack(kaggle.root, out)
     assert calls and calls[0].name.startswith(".out.partial-")
     assert_nothing_written(out)
+
+
+def test_ctrl_c_in_a_library_pack_without_the_signal_policy_cleans_up(kaggle: Tree, tmp_path, monkeypatch):
+    """pack() called directly (no cli.main): Ctrl-C is Python's own KeyboardInterrupt, and the
+    staging cleanup runs on it all the same; pack installs no handlers of its own."""
+    real_write = pack_module.write_shard
+    calls = []
+
+    def write_shard(out_dir, *args, **kwargs):
+        calls.append(out_dir)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # Python's default_int_handler raises here
+        return real_write(out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(pack_module, "write_shard", write_shard)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_pack(kaggle.root, out)
+    assert len(calls) == 2 and calls[0].name.startswith(".out.partial-")
+    assert_nothing_written(out)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook) == before
+
+
+def test_the_signal_policy_is_a_no_op_off_the_main_thread(monkeypatch):
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook
+    thread = threading.Thread(target=interrupts.install_signal_policy)
+    thread.start()
+    thread.join()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook) == before

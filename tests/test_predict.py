@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ from typer.testing import CliRunner
 
 from facesense.cli import app
 from pipeline.classes import FER2013_CLASSES
-from predict_helpers import (ASTRONAUT_FACE_CENTRE, ASTRONAUT_FACE_SIDE, fer_val, make_checkpoint, read_jsonl,
-                             write_astronaut, write_video)
+from predict_helpers import (ASTRONAUT_FACE_CENTRE, ASTRONAUT_FACE_SIDE, FER, fer_val, make_checkpoint,
+                             read_jsonl, write_astronaut, write_video)
 
 cv2 = pytest.importorskip("cv2")
 
@@ -125,28 +126,10 @@ def test_detector_none_matches_eval_on_fer_val(tmp_path):
     """FER val files through `predict --detector none` = eval's probabilities for the same packed images."""
     found = fer_val(48)
     if found is None:
-        pytest.skip("needs data/shards packed from ../shared/fer2013")
+        pytest.skip(f"needs the FER2013 image folders at {FER} (test/<class>/PublicTest_*.jpg)")
     images, labels, files = found
-    from facesense.core.checkpoint import load_checkpoint
-    from facesense.core.config import config_from_dict
-    from facesense.core.data import open_split
-    from facesense.eval.metrics import predict_probs as eval_predict
-    from facesense.core.model import create_model
-    from pipeline.shards import FORMAT_VERSION, MANIFEST, split_entry, write_shard
-
     ckpt = make_checkpoint(tmp_path / "c.pt", img_size=64, channels=3)  # exercises the 48 -> 64 resize too
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    splits = {s: split_entry(labels, FER2013_CLASSES,
-                             [write_shard(shards, s, 0, images, labels, [str(f) for f in files], FER2013_CLASSES)])
-              for s in ("train", "val", "test")}
-    (shards / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "classes": list(FER2013_CLASSES),
-                                               "splits": splits, "source": {"format": "test"}}))
-    saved = load_checkpoint(ckpt)
-    cfg = config_from_dict(saved["config"], "test")
-    model = create_model(cfg.model, cfg.channels, 7)
-    model.load_state_dict(saved["model"])
-    want, _ = eval_predict(model, open_split(shards, "val", cfg, torch.device("cpu"), train=False, batch_size=16))
+    want = eval_probs(ckpt, write_val_shards(tmp_path / "shards", images, labels, files))
 
     result = run(*files, "--model", ckpt, "--out", tmp_path / "out", "--detector", "none", "--batch-size", "20")
     assert result.exit_code == 0, result.output
@@ -155,6 +138,30 @@ def test_detector_none_matches_eval_on_fer_val(tmp_path):
     assert all(r["box"] == [0, 0, 48, 48] for r in recs)
     got = np.array([[r["probs"][c] for c in FER2013_CLASSES] for r in recs])
     np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def write_val_shards(shards: Path, images: np.ndarray, labels: np.ndarray, files: list[Path]) -> Path:
+    """A packed data folder whose every split holds these faces (as `facesense pack` writes it)."""
+    from pipeline.shards import FORMAT_VERSION, MANIFEST, split_entry, write_shard
+
+    shards.mkdir()
+    ids = [str(f) for f in files]
+    splits = {s: split_entry(labels, FER2013_CLASSES, [write_shard(shards, s, 0, images, labels, ids, FER2013_CLASSES)])
+              for s in ("train", "val", "test")}
+    (shards / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "classes": list(FER2013_CLASSES),
+                                               "splits": splits, "source": {"format": "test"}}))
+    return shards
+
+
+def eval_probs(ckpt: Path, shards: Path) -> np.ndarray:
+    """Eval's probabilities on the val split: its model (load_eval_model), loader and predict_probs."""
+    from facesense.core.checkpoint import load_eval_model
+    from facesense.core.data import open_split
+    from facesense.eval.metrics import predict_probs
+
+    net = load_eval_model(ckpt)
+    loader = open_split(shards, "val", net.cfg, torch.device("cpu"), train=False, batch_size=16)
+    return predict_probs(net.model, loader)[0]
 
 
 def test_bench_predict_json(tmp_path, ckpt):

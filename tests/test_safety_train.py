@@ -195,13 +195,13 @@ def test_nan_before_the_first_checkpoint_says_nothing_was_saved(data, tmp_path, 
 def test_non_finite_val_outputs_stop_the_run_like_a_nan_loss(data, tmp_path, monkeypatch):
     import facesense.train.loop as train_module
 
-    predict = train_module.predict
+    predict = train_module.predict_probs
 
     def diverged(*args, **kwargs):  # what --lr 1e6 did: finite loss, NaN probabilities on val
         probs, labels = predict(*args, **kwargs)
         return np.full_like(probs, np.nan), labels
 
-    monkeypatch.setattr(train_module, "predict", diverged)
+    monkeypatch.setattr(train_module, "predict_probs", diverged)
     line = error_line(invoke(quick(data, tmp_path / "run")))
     assert "outputs on val became non-finite (epoch 1)" in line and "--lr" in line
 

@@ -58,10 +58,11 @@ def make_shards(out: Path, counts: dict[str, int] = COUNTS, classes=FER2013_CLAS
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """A tiny, fast `facesense train` command line (6 steps per epoch)."""
+    """A tiny, fast `facesense train` command line (6 steps per epoch; the reference augmentation engine:
+    no compile in every test process)."""
     return ["train", "--data", str(data), "--out", str(out), "--model", MODEL, "--epochs", "2",
             "--batch-size", "16", "--log-every", "2", "--device", "cpu", "--loader", "resident",
-            "--workers", "0", "--lr", "0.01", "--warmup-epochs", "0.5", *extra]
+            "--workers", "0", "--lr", "0.01", "--warmup-epochs", "0.5", "--cpu-augment", "reference", *extra]
 
 
 def wrap_train_batches(monkeypatch, transform) -> None:
@@ -70,8 +71,8 @@ def wrap_train_batches(monkeypatch, transform) -> None:
 
     make_loader = loaders.make_loader
 
-    def wrapped(data_dir, split, cfg, device):
-        loader = make_loader(data_dir, split, cfg, device)
+    def wrapped(data_dir, split, cfg, device, *rest):
+        loader = make_loader(data_dir, split, cfg, device, *rest)
         if cfg.train:
             inner = type(loader).__iter__
 
@@ -113,8 +114,8 @@ def _install_hooks() -> None:
 
         make_loader = loaders.make_loader
 
-        def killing_make_loader(data, split, cfg, device):
-            loader = make_loader(data, split, cfg, device)
+        def killing_make_loader(data, split, cfg, device, *rest):
+            loader = make_loader(data, split, cfg, device, *rest)
             if cfg.train:
                 inner, handed = type(loader).__iter__, [0]
 

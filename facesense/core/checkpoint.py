@@ -4,10 +4,11 @@ A checkpoint is a dict of tensors and plain Python values only (state dicts, the
 config as a dict, RNG states as tensors), so loading one cannot run code:
 `weights_only=True` refuses anything else.
 
-    format, version     "facesense-checkpoint", 1
+    format, version     "facesense-checkpoint", 2 (version 1 lacked epoch_correct_sum; still read)
     model, ema          state dicts (ema None when off); eval uses ema when present
     optimizer, scheduler, scaler   their state dicts
-    ranks               per rank: {rng: RNG states, epoch_loss_sum: its step losses so far this epoch}
+    ranks               per rank: {rng: RNG states, epoch_loss_sum: its step losses so far this epoch,
+                        epoch_correct_sum: its correct train predictions so far this epoch}
     epoch, batch        position: `batch` batches of 0-based `epoch` are done (0 = at its start)
     step                optimizer steps taken in all
     best_accuracy, history   best val accuracy so far; per-epoch metrics rows
@@ -34,7 +35,8 @@ from facesense.core.files import write_bytes
 if TYPE_CHECKING:
     from facesense.core.config import TrainConfig
 
-FORMAT, VERSION = "facesense-checkpoint", 1
+FORMAT, VERSION = "facesense-checkpoint", 2
+READS = (1, 2)  # versions this FaceSense loads: 1 differs only in lacking ranks[i]["epoch_correct_sum"]
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -78,8 +80,9 @@ def load_checkpoint(path: Path | str) -> dict:
         raise FaceSenseError(f"{path}: not a loadable FaceSense checkpoint ({str(exc).splitlines()[0]})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise FaceSenseError(f"{path}: not a FaceSense checkpoint (no format marker)")
-    if ckpt.get("version") != VERSION:
-        raise FaceSenseError(f"{path}: checkpoint version {ckpt.get('version')!r}; this FaceSense reads {VERSION}")
+    if ckpt.get("version") not in READS:
+        raise FaceSenseError(f"{path}: checkpoint version {ckpt.get('version')!r}; this FaceSense reads versions "
+                             f"{', '.join(map(str, READS))}")
     return ckpt
 
 

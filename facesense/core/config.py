@@ -1,17 +1,16 @@
-"""`facesense train` configuration: one typed dataclass, a comment per field.
+"""`facesense train` configuration: one typed dataclass, a help text per field.
 
-The comment after each field *is* its `--help` text (the CLI builds one option per
-field from this class), so every option shows in `--help` and a config file may set
-any of them. Precedence: field default < config file (TOML or YAML) < command line.
+Each field's help (`opt(default, help)`, kept in the field's metadata) *is* its `--help`
+text: the CLI builds one option per field from this class, so every option shows in
+`--help` and a config file may set any of them. Precedence: field default < config file (TOML or YAML) < command line.
 The resolved config is stored in every checkpoint as a plain dict.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -29,68 +28,81 @@ CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "class_weights": ("balanced", "none"),
     "amp_dtype": ("bfloat16", "float16"),
+    "cpu_augment": ("compiled", "reference"),
 }
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUME_MAY_DIFFER = frozenset({"data", "out", "loader", "workers", "device", "compile", "deterministic",
-                               "log_every", "save_every", "max_steps", "resume", "overwrite"})
+RESUME_MAY_DIFFER = frozenset({"data", "out", "loader", "workers", "device", "compile", "cpu_augment",
+                               "deterministic", "log_every", "save_every", "max_steps", "resume", "overwrite"})
+
+
+def opt(default, help: str):
+    """A config field with its --help text (every field has one: the CLI and config files rely on it)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     # data and output
-    data: str = "data/shards"  # packed shards (facesense pack): trains on train, selects on val, never reads test
-    out: str = "model"  # output directory: last.pt, best.pt, metrics.jsonl, training_curves.png
-    loader: str = "auto"  # data loader: auto, resident, dali or dataloader
-    workers: int = 2  # loader worker processes (dataloader) or threads (dali)
+    data: str = opt("data/shards", "packed shards (facesense pack): trains on train, selects on val, never reads "
+                                   "test")
+    out: str = opt("model", "output directory: last.pt, best.pt, metrics.jsonl, training_curves.png")
+    loader: str = opt("auto", "data loader: auto, resident, dali or dataloader")
+    workers: int = opt(2, "loader worker processes (dataloader) or threads (dali)")
     # model
-    model: str = "efficientnet_b0"  # any timm model name
-    channels: int = 1  # input channels: 1 (gray) or 3 (gray replicated)
-    pretrained: bool = False  # start from timm's ImageNet weights (cached or downloadable); fails fast otherwise
-    weights: str | None = None  # local timm/PyTorch state dict to start from; stem and head are adapted
-    drop_rate: float = 0.2  # dropout before the classifier
-    drop_path_rate: float = 0.0  # stochastic depth (drop-path) rate
-    zero_init: bool = True  # random init only: zero each residual branch's last norm and the head (learns from step 1)
+    model: str = opt("efficientnet_b0", "any timm model name")
+    channels: int = opt(1, "input channels: 1 (gray) or 3 (gray replicated)")
+    pretrained: bool = opt(False, "start from timm's ImageNet weights (cached or downloadable); fails fast otherwise")
+    weights: str | None = opt(None, "local timm/PyTorch state dict to start from; stem and head are adapted")
+    drop_rate: float = opt(0.2, "dropout before the classifier")
+    drop_path_rate: float = opt(0.0, "stochastic depth (drop-path) rate")
+    zero_init: bool = opt(True, "random init only: zero each residual branch's last norm and the head (learns from "
+                                "step 1)")
     # input and augmentation (drawn per sample on the device; see kernels/spec.py)
-    img_size: int = 48  # network input side; 48 is native, larger sizes are resampled inside the augmentation
-    norm_mean: float = 0.5  # normalisation mean on the [0, 1] scale (all channels)
-    norm_std: float = 0.25  # normalisation std on the [0, 1] scale (all channels)
-    aug_flip_p: float = 0.5  # probability of a horizontal flip
-    aug_max_angle: float = 15.0  # rotation drawn from U(-a, a) degrees
-    aug_scale_min: float = 0.9  # smallest zoom factor
-    aug_scale_max: float = 1.1  # largest zoom factor
-    aug_max_shift: float = 0.1  # shift drawn from U(-s, s), fraction of the image side
-    aug_brightness: float = 0.2  # brightness gain drawn from U(1 - b, 1 + b)
-    aug_contrast: float = 0.2  # contrast factor drawn from U(1 - c, 1 + c)
-    aug_erase_p: float = 0.0  # probability of random erasing
+    img_size: int = opt(48, "network input side; 48 is native, larger sizes are resampled inside the augmentation")
+    norm_mean: float = opt(0.5, "normalisation mean on the [0, 1] scale (all channels)")
+    norm_std: float = opt(0.25, "normalisation std on the [0, 1] scale (all channels)")
+    aug_flip_p: float = opt(0.5, "probability of a horizontal flip")
+    aug_max_angle: float = opt(15.0, "rotation drawn from U(-a, a) degrees")
+    aug_scale_min: float = opt(0.9, "smallest zoom factor")
+    aug_scale_max: float = opt(1.1, "largest zoom factor")
+    aug_max_shift: float = opt(0.1, "shift drawn from U(-s, s), fraction of the image side")
+    aug_brightness: float = opt(0.2, "brightness gain drawn from U(1 - b, 1 + b)")
+    aug_contrast: float = opt(0.2, "contrast factor drawn from U(1 - c, 1 + c)")
+    aug_erase_p: float = opt(0.0, "probability of random erasing")
     # optimisation
-    epochs: int = 25  # passes over the training split
-    batch_size: int = 128  # images per step per rank
-    optimizer: str = "adamw"  # adamw, or sgd (Nesterov momentum)
-    lr: float = 2e-3  # peak learning rate, reached after the warm-up
-    min_lr_ratio: float = 0.01  # cosine annealing ends at lr * min_lr_ratio
-    warmup_epochs: float = 1.0  # linear warm-up length in epochs (fractions allowed)
-    weight_decay: float = 0.05  # decoupled weight decay; biases and norm weights are exempt
-    momentum: float = 0.9  # SGD momentum
-    label_smoothing: float = 0.1  # cross-entropy label smoothing
-    class_weights: str = "none"  # cross-entropy class weights: balanced (n / (k * count)) or none
-    ema: bool = False  # keep an exponential moving average of the weights; validate and select with it
-    ema_decay: float = 0.999  # EMA decay per step (ramped up over the first steps)
-    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
+    epochs: int = opt(25, "passes over the training split")
+    batch_size: int = opt(128, "images per step per rank")
+    optimizer: str = opt("adamw", "adamw, or sgd (Nesterov momentum)")
+    lr: float = opt(2e-3, "peak learning rate, reached after the warm-up")
+    min_lr_ratio: float = opt(0.01, "cosine annealing ends at lr * min_lr_ratio")
+    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs (fractions allowed)")
+    weight_decay: float = opt(0.05, "decoupled weight decay; biases and norm weights are exempt")
+    momentum: float = opt(0.9, "SGD momentum")
+    label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
+    class_weights: str = opt("none", "cross-entropy class weights: balanced (n / (k * count)) or none")
+    ema: bool = opt(False, "keep an exponential moving average of the weights; validate and select with it")
+    ema_decay: float = opt(0.999, "EMA decay per step (ramped up over the first steps)")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this; 0 = off")
     # speed
-    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK
-    amp: bool | None = None  # mixed precision autocast; default: on for CUDA, off on CPU (slower there)
-    amp_dtype: str = "bfloat16"  # autocast dtype: bfloat16 (float16 on GPUs without native bfloat16) or float16 (with a GradScaler on CUDA)
-    compile: bool | None = None  # torch.compile the model (and the CPU loader's augmentation); default: on for CUDA
-    channels_last: bool = True  # channels-last memory format for the model and batches
-    deterministic: bool = False  # deterministic kernels (slower on GPU) for bit-exact reruns and resumes
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N; under torchrun each rank uses "
+                              "cuda:LOCAL_RANK")
+    amp: bool | None = opt(None, "mixed precision autocast; default: on for CUDA, off on CPU (slower there)")
+    amp_dtype: str = opt("bfloat16", "autocast dtype: bfloat16 (float16 on GPUs without native bfloat16) or float16 "
+                                     "(with a GradScaler on CUDA)")
+    compile: bool | None = opt(None, "torch.compile the model; default: on for CUDA")
+    cpu_augment: str = opt("compiled", "augmentation engine of the resident loader on CPU: compiled (kernels/"
+                                       "cpu_fused.py under torch.compile, the faster measured) or reference (plain "
+                                       "torch, no compile)")
+    channels_last: bool = opt(True, "channels-last memory format for the model and batches")
+    deterministic: bool = opt(False, "deterministic kernels (slower on GPU) for bit-exact reruns and resumes")
     # run control
-    seed: int = 0  # seeds model init, shuffling, augmentation and dropout: same seed, same run
-    max_steps: int = 0  # stop after this many optimizer steps in all (smoke runs, benchmarks); 0 = no limit
-    log_every: int = 50  # steps between progress updates (the only host syncs in an epoch)
-    save_every: int = 0  # also write last.pt every this many steps (mid-epoch resume); 0 = epoch ends only
-    resume: bool = False  # continue the run in --out from its last.pt (same config required)
-    overwrite: bool = False  # start afresh even if --out already holds a run
+    seed: int = opt(0, "seeds model init, shuffling, augmentation and dropout: same seed, same run")
+    max_steps: int = opt(0, "stop after this many optimizer steps in all (smoke runs, benchmarks); 0 = no limit")
+    log_every: int = opt(50, "steps between progress updates (the only host syncs in an epoch)")
+    save_every: int = opt(0, "also write last.pt every this many steps (mid-epoch resume); 0 = epoch ends only")
+    resume: bool = opt(False, "continue the run in --out from its last.pt (same config required)")
+    overwrite: bool = opt(False, "start afresh even if --out already holds a run")
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():
@@ -145,12 +157,8 @@ def field_types() -> dict[str, type]:
 
 
 def field_help() -> dict[str, str]:
-    """Field name -> the comment after it in TrainConfig's source (its --help text)."""
-    source = inspect.getsource(TrainConfig)
-    found = dict(re.findall(r"^ {4}(\w+): [^=]+=.*?  # (.+)$", source, re.M))
-    missing = [f.name for f in fields(TrainConfig) if f.name not in found]
-    assert not missing, f"TrainConfig fields without a help comment: {missing}"
-    return found
+    """Field name -> its --help text (from the field's metadata)."""
+    return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

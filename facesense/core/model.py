@@ -187,7 +187,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def check_input_size(model: nn.Module, channels: int, img_size: int, name: str) -> None:
-    """One tiny CPU-free forward (on the model's device) that fails clearly if the size cannot work."""
+    """One eval-mode forward of a single zero image on the model's own device: a clear error, before
+    training starts, for an input size the network cannot take (too small for its downsampling)."""
     param = next(model.parameters())
     was_training = model.training
     model.eval()

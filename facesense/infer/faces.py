@@ -6,8 +6,11 @@ px and the loaders resize 48 -> the model's input size and normalise inside one
 function. So a face here becomes: detector box -> square crop with a margin around it
 (border replication where it leaves the picture, as the augmentation does) -> gray
 (ITU-R 601 luma, as Pillow's "L" used by `facesense pack`) -> 48x48 uint8 (area
-averaging when shrinking) -> `model_input`, which is eval's own preprocessing
-(`kernels.reference.augment_reference` with identity parameters), not a second copy.
+averaging when shrinking) -> `model_input`: the augmentation spec's reference implementation
+(`kernels.reference.augment_reference`) with identity parameters, i.e. resize to the model's
+input size, channels and normalisation, no augmentation. Eval's loaders run faster engines
+of the same spec (the fused CPU path, the Triton kernel on CUDA), and those are tested
+against this reference, so a face here is prepared as eval prepares it without a second copy.
 
 Detection: OpenCV's frontal-face Haar cascade, whose weights ship inside the
 opencv-python-headless wheel (nothing is downloaded). The picture is shrunk so that the
@@ -24,12 +27,12 @@ import numpy as np
 import torch
 
 from facesense.core.errors import FaceSenseError
+from pipeline.classes import FACE_SIZE  # side of a FER2013 face, and of every crop handed to model_input
 
 # FFmpeg's own log lines ("moov atom not found") would precede our one-line error for a broken
 # video; silence them (read when cv2 loads, so before any import of it).
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
-FACE_SIZE = 48  # side of a FER2013 face, and of every crop handed to model_input
 # Margin added on each side of the detector's square box, as a fraction of its side. Measured
 # (`facesense bench margin`, benchmarks/results/margin-cpu.json): all 3,589 val faces upscaled 3x
 # onto a grey canvas; the cascade finds 2,277; its box is 0.94 of a FER picture's side (median),
@@ -52,7 +55,8 @@ class Preprocess:
 
 
 def model_input(crops: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """(N, 48, 48) uint8 faces -> (N, C, S, S) float32 normalised: exactly eval's preprocessing."""
+    """(N, 48, 48) uint8 faces -> (N, C, S, S) float32 normalised: the spec's reference with identity
+    parameters (what eval's fast engines are tested to equal), on the CPU."""
     from kernels.reference import augment_reference
     from kernels.spec import OutputSpec, identity_params
 

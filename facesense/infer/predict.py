@@ -1,19 +1,23 @@
 """`facesense predict`: a trained model on photos, folders and videos -> one JSON line per face.
 
 The loop: sources (image files, folders searched recursively in sorted order, video
-files) -> frames (every --vid-stride'th of a video) -> face boxes and 48x48 crops
+files) -> frames (`load_frames`: an image is one frame, a video every --vid-stride'th
+frame; both as (frame index, time_s, picture)) -> face boxes and 48x48 crops
 (`faces.py`) -> batches of --batch-size crops -> the model -> `predictions.jsonl`, in
-source order. Only crops wait for a batch, plus the frames being annotated (at most
-MAX_HELD_FRAMES of them), so memory stays small on long videos.
+source order. Each source also gets one sink, chosen once: nothing, an annotated-image
+writer or an annotated-MP4 writer (--save-annotated). Only crops wait for a batch, plus
+the frames being annotated (at most MAX_HELD_FRAMES of them), so memory stays small on
+long videos.
 
 One line per face: source (the path as given; a folder's files as folder/relative path),
 frame (video frame index; null for images), time_s (video lines only), box [x1, y1, x2,
 y2] in source pixels, label and probs (class -> probability, all classes). A picture or
 sampled frame without a face gets one line whose box, label and probs are null.
 
-A source that cannot be read gets a one-line error naming it and the others go on; the
-caller exits non-zero when any failed. predictions.jsonl is written under a temporary
-name and renamed when the run ends, so an interrupted run leaves no half file.
+A source that cannot be read (or whose annotated copy cannot be written) gets a one-line
+error naming it and the others go on; the caller exits non-zero when any failed.
+predictions.jsonl and every annotated file are written through `core.files.atomic_path`,
+so an interrupted run (Ctrl-C, SIGTERM) leaves no half file.
 """
 from __future__ import annotations
 
@@ -21,19 +25,26 @@ import json
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 from facesense.core.errors import FaceSenseError
+from facesense.core.files import atomic_path, require_dir, write_bytes
 from facesense.infer.faces import DEFAULT_MARGIN, DETECTORS, HaarDetector, find_faces, read_image, to_gray
+from pipeline.progress import Bar
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
 MAX_HELD_FRAMES = 32  # annotated frames waiting for their batch's predictions
 PREDICTIONS = "predictions.jsonl"
 ANNOTATED = "annotated"  # subfolder of --out for --save-annotated copies
+VIDEO_FPS_UNKNOWN = 25.0  # annotated MP4 rate when the container states none
+
+Sink = Callable[[np.ndarray], None]  # takes a source's annotated BGR frames, in order
 
 
 @dataclass
@@ -44,7 +55,7 @@ class Source:
 
 
 @dataclass
-class Options:
+class PredictOptions:
     detector: str = "haar"  # haar, or none (every picture is already a face crop)
     min_face: int = 48  # smallest face side, in source pixels, that the detector looks for
     margin: float = DEFAULT_MARGIN  # crop margin around a detector box, fraction of its side per side
@@ -53,18 +64,44 @@ class Options:
     batch_size: int = 64  # crops per model call
     device: str = "auto"  # auto, cpu, cuda, cuda:N
 
+    def check(self) -> None:
+        """One-line FaceSenseError for an option out of range (--min-face is the detector's to check)."""
+        if self.detector not in DETECTORS:
+            raise FaceSenseError(f"--detector {self.detector!r}: expected one of {', '.join(DETECTORS)}")
+        for name in ("vid_stride", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FaceSenseError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not -0.4 <= self.margin <= 2:
+            raise FaceSenseError(f"--margin {self.margin}: expected -0.4 to 2 (fraction of the face box side "
+                                 f"added on each side; negative crops inside the box)")
+
 
 @dataclass
-class Report:
+class PredictSummary:
+    """What a run did: counts for the summary lines, and one message per failed source."""
+
     sources: int = 0
     failed: list[str] = field(default_factory=list)  # one error message per failed source
     frames: int = 0  # pictures + sampled video frames classified
     faces: int = 0
     no_face: int = 0  # pictures / sampled frames without a face
     labels: Counter = field(default_factory=Counter)  # faces per label
-    videos: dict = field(default_factory=dict)  # video source -> {label: faces}
+    videos: dict = field(default_factory=dict)  # video source -> {label: faces}, from its first frame on
     ignored: int = 0  # files in folders that are neither images nor videos
     seconds: float = 0.0
+
+    def count_frame(self, source: str, index: int | None, faces: int) -> None:
+        self.frames += 1
+        self.faces += faces
+        self.no_face += not faces
+        if index is not None:  # a video frame
+            self.videos.setdefault(source, Counter())
+
+    def count_face(self, rec: dict) -> None:
+        """A face record once labelled."""
+        self.labels[rec["label"]] += 1
+        if rec["frame"] is not None:
+            self.videos[rec["source"]][rec["label"]] += 1
 
 
 def expand_sources(srcs: list[str]) -> tuple[list[Source], list[str], int]:
@@ -94,6 +131,17 @@ def expand_sources(srcs: list[str]) -> tuple[list[Source], list[str], int]:
 
 def _kind(path: Path) -> str:
     return "video" if path.suffix.lower() in VIDEO_EXTS else "image"
+
+
+def load_frames(src: Source, stride: int) -> Iterator[tuple[int | None, float | None, np.ndarray]]:
+    """(frame index, time in s, decoded picture) for each frame to classify; an image is one frame (None, None, it).
+
+    FaceSenseError naming the source when it cannot be read.
+    """
+    if src.kind == "image":
+        yield None, None, read_image(src.path)
+    else:
+        yield from video_frames(src.path, stride)
 
 
 def video_frames(path: str, stride: int):
@@ -132,6 +180,15 @@ def video_info(path: str) -> tuple[float, int]:
         cap.release()
 
 
+def frame_records(source: str, index: int | None, time_s: float | None, boxes: list) -> list[dict]:
+    """A frame's lines, label and probs still unset: one per box, or one with box null when no face."""
+    base = {"source": source, "frame": index}
+    if index is not None:
+        base["time_s"] = time_s
+    return [{**base, "box": list(b), "label": None, "probs": None} for b in boxes] or \
+        [{**base, "box": None, "label": None, "probs": None}]
+
+
 def to_bgr8(image: np.ndarray) -> np.ndarray:
     """A decoded picture as a fresh 8-bit BGR image to draw on."""
     import cv2
@@ -161,237 +218,255 @@ def annotate(image: np.ndarray, records: list[dict]) -> np.ndarray:
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
+    """Encode by `path`'s suffix and write it whole (atomic)."""
     import cv2
 
     path.parent.mkdir(parents=True, exist_ok=True)
     ok, data = cv2.imencode(path.suffix, image)
     if not ok:
         raise FaceSenseError(f"{path}: cannot encode the annotated image")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    data.tofile(tmp)
-    os.replace(tmp, path)
+    write_bytes(path, data.tobytes())
 
 
-class VideoOut:
-    """An annotated MP4 written under a temporary name and renamed when the video is done."""
+class ImageSink:
+    """An image source's annotated copy. It is written when its batch is classified, possibly while a
+    later source is being read, so its error is reported here, under its own name."""
 
-    def __init__(self, path: Path, fps: float):
-        self.path, self.fps, self.writer = path, fps, None
-        self.tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.mp4")  # OpenCV picks the container by suffix
+    def __init__(self, path: Path, report: Callable[[str], None]):
+        self.path, self.report = path, report
 
-    def write(self, frame: np.ndarray) -> None:
-        import cv2
+    def __call__(self, image: np.ndarray) -> None:
+        try:
+            write_image(self.path, image)
+        except FaceSenseError as exc:
+            self.report(str(exc))
 
+
+class VideoSink:
+    """A video's annotated frames -> the MP4 at `tmp`; the first error is kept for `video_sink` to raise."""
+
+    def __init__(self, tmp: Path, path: Path, fps: float):
+        self.tmp, self.path, self.fps = tmp, path, fps
+        self.writer, self.error, self.closed = None, None, False
+
+    def __call__(self, frame: np.ndarray) -> None:
+        if self.closed or self.error is not None:  # a failed or finished video takes no more frames
+            return
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            h, w = frame.shape[:2]
-            self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            self.writer = self._open(frame.shape[1], frame.shape[0])
             if not self.writer.isOpened():
-                raise FaceSenseError(f"{self.path}: OpenCV cannot write an MP4 here")
+                self.error = FaceSenseError(f"{self.path}: OpenCV cannot write an MP4 here")
+                return
         self.writer.write(frame)
 
-    def close(self, keep: bool) -> None:
+    def _open(self, width: int, height: int):
+        import cv2
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
+
+    def release(self) -> None:
+        self.closed = True
         if self.writer is not None:
             self.writer.release()
-            if keep:
-                os.replace(self.tmp, self.path)
-        self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def video_sink(path: Path, fps: float, drain: Callable[[], None]) -> Iterator[VideoSink]:
+    """A VideoSink whose MP4 replaces `path` only when the whole video went in; removed on any failure.
+
+    `drain` (the batcher's flush) runs before the file is completed: held frames reach it first.
+    """
+    with atomic_path(path, keep_suffix=True) as tmp:  # keep_suffix: OpenCV picks the container by it
+        sink = VideoSink(tmp, path, fps)
+        try:
+            yield sink
+            drain()
+        finally:
+            sink.release()
+        if sink.error is not None:
+            raise sink.error
+
+
+@dataclass
+class _Held:
+    """One frame waiting for its batch: its lines, the crops of its face lines (same order), what to annotate."""
+
+    records: list[dict]
+    faces: list[dict]  # the records with a box, one per crop
+    crops: np.ndarray  # (len(faces), 48, 48) uint8
+    image: np.ndarray | None = None  # BGR copy to draw on, when it has a sink
+    sink: Sink | None = None
 
 
 class Batcher:
     """Crops wait here for a full batch; records are written (and frames annotated) in arrival order."""
 
-    def __init__(self, classifier, out_file, batch_size: int, report: Report):
-        self.classifier, self.out_file, self.batch_size, self.report = classifier, out_file, batch_size, report
-        self.pending: list[tuple[list[dict], tuple | None]] = []  # (records of one frame, (image, sink))
-        self.crops: list[np.ndarray] = []
-        self.n_crops = self.held = 0
+    def __init__(self, classifier, out_file, batch_size: int, on_face: Callable[[dict], None]):
+        self.classifier, self.out_file, self.batch_size, self.on_face = classifier, out_file, batch_size, on_face
+        self.pending: list[_Held] = []
+        self.n_crops = self.n_images = 0
 
-    def add(self, records: list[dict], crops: np.ndarray, frame=None) -> None:
-        self.pending.append((records, frame))
-        if len(crops):
-            self.crops.append(crops)
-            self.n_crops += len(crops)
-        self.held += frame is not None
-        if self.n_crops >= self.batch_size or self.held >= MAX_HELD_FRAMES:
+    def add(self, records: list[dict], crops: np.ndarray, image: np.ndarray | None = None,
+            sink: Sink | None = None) -> None:
+        faces = [rec for rec in records if rec["box"] is not None]
+        if len(faces) != len(crops):
+            raise ValueError(f"{len(faces)} face records but {len(crops)} crops")
+        self.pending.append(_Held(records, faces, crops, image if sink else None, sink))
+        self.n_crops += len(crops)
+        self.n_images += sink is not None
+        if self.n_crops >= self.batch_size or self.n_images >= MAX_HELD_FRAMES:
             self.flush()
 
     def flush(self) -> None:
-        classes = self.classifier.classes
-        probs = self.classifier.probs(np.concatenate(self.crops)) if self.crops else np.empty((0, len(classes)))
-        k = 0
-        lines = []
-        for records, frame in self.pending:
-            for rec in records:
-                if rec["box"] is None:
-                    continue
-                p = probs[k]
-                k += 1
-                rec["label"] = classes[int(p.argmax())]
-                rec["probs"] = {name: round(float(v), 6) for name, v in zip(classes, p)}
-                self.report.labels[rec["label"]] += 1
-                if rec["frame"] is not None:
-                    self.report.videos[rec["source"]][rec["label"]] += 1
-            lines.extend(json.dumps(rec) for rec in records)
-            if frame is not None:
-                image, sink = frame
-                sink(annotate(image, records))
+        """Classify every waiting crop, write the lines, hand annotated frames to their sinks."""
+        pending, self.pending, self.n_crops, self.n_images = self.pending, [], 0, 0  # taken first: never twice
+        crops = [held.crops for held in pending if len(held.crops)]
+        if not crops:
+            probs = np.empty((0, len(self.classifier.classes)))
+        else:
+            probs = self.classifier.probs(np.concatenate(crops))
+        ends = np.cumsum([len(held.crops) for held in pending])
+        for held, end in zip(pending, ends):
+            for rec, p in zip(held.faces, probs[end - len(held.crops):end], strict=True):
+                self._label(rec, p)
+        lines = [json.dumps(rec) for held in pending for rec in held.records]
         if lines:
             self.out_file.write("\n".join(lines) + "\n")
-        self.pending, self.crops, self.n_crops, self.held = [], [], 0, 0
+        for held in pending:
+            if held.sink is not None:
+                held.sink(annotate(held.image, held.records))
+
+    def _label(self, rec: dict, p: np.ndarray) -> None:
+        classes = self.classifier.classes
+        rec["label"] = classes[int(p.argmax())]
+        rec["probs"] = {name: round(float(v), 6) for name, v in zip(classes, p)}
+        self.on_face(rec)
 
 
-def predict(srcs: list[str], model: Path, out: Path, opts: Options, progress: bool = True, console=None) -> Report:
-    """Run the model over every source; errors per source go into report.failed (and to the console)."""
-    from facesense.infer.classifier import load_classifier
+class FrameBar(Bar):
+    """Frames (pictures + sampled video frames) done of all, with frames/s and faces/s; the source's name first."""
 
-    if opts.detector not in DETECTORS:
-        raise FaceSenseError(f"--detector {opts.detector!r}: expected one of {', '.join(DETECTORS)}")
-    for name in ("vid_stride", "batch_size"):
-        if getattr(opts, name) < 1:
-            raise FaceSenseError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be at least 1")
-    if not -0.4 <= opts.margin <= 2:
-        raise FaceSenseError(f"--margin {opts.margin}: expected -0.4 to 2 (fraction of the face box side added "
-                             f"on each side; negative crops inside the box)")
-    detector = HaarDetector(opts.min_face) if opts.detector == "haar" else None
-    classifier = load_classifier(model, opts.device)  # a wrong --model fails here, before any work
-    sources, errors, ignored = expand_sources(srcs)
-    report = Report(sources=len(sources) + len(errors), ignored=ignored)
-
-    from rich.console import Console
-
-    console = console or Console(stderr=True, highlight=False)
-
-    def error(message: str) -> None:
-        report.failed.append(message)
-        console.print(f"error: {message}", markup=False, soft_wrap=True)
-
-    for message in errors:
-        error(message)
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / PREDICTIONS
-    partial = out / f".{PREDICTIONS}.partial-{os.getpid()}"
-    annotated_names: set[str] = set()
-    start = time.perf_counter()
-    try:
-        with open(partial, "w") as fh, _Progress(progress and console.is_terminal, console, sources,
-                                                  opts.vid_stride) as bar:
-            batcher = Batcher(classifier, fh, opts.batch_size, report)
-            for src in sources:
-                bar.source(src)
-                video_out = None
-                try:
-                    if src.kind == "image":
-                        frames = [(None, None, read_image(src.path))]
-                    else:
-                        frames = video_frames(src.path, opts.vid_stride)
-                        report.videos[src.path] = Counter()
-                        if opts.save_annotated:
-                            fps = video_info(src.path)[0] or 25.0
-                            video_out = VideoOut(_annotated_path(out, src, annotated_names, ".mp4"),
-                                                 fps / opts.vid_stride)
-                    for index, t, image in frames:
-                        boxes, crops = find_faces(to_gray(image), detector, opts.margin)
-                        base = {"source": src.path, "frame": index}
-                        if index is not None:
-                            base["time_s"] = t
-                        records = [{**base, "box": list(b), "label": None, "probs": None} for b in boxes] or \
-                                  [{**base, "box": None, "label": None, "probs": None}]
-                        report.frames += 1
-                        report.faces += len(boxes)
-                        report.no_face += not boxes
-                        frame = None
-                        if opts.save_annotated:
-                            sink = video_out.write if video_out else \
-                                _image_sink(_annotated_path(out, src, annotated_names, Path(src.path).suffix))
-                            frame = (to_bgr8(image), sink)
-                        batcher.add(records, crops, frame)
-                        bar.advance(len(boxes))
-                    if video_out:
-                        batcher.flush()
-                        video_out.close(keep=True)
-                except FaceSenseError as exc:
-                    if video_out:
-                        batcher.flush()
-                        video_out.close(keep=False)
-                    error(str(exc))
-            batcher.flush()
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def _annotated_path(out: Path, src: Source, taken: set[str], suffix: str) -> Path:
-    """DIR/annotated/<name>, unique within the run (a second photo.jpg becomes photo_1.jpg)."""
-    rel = Path(src.rel).with_suffix(suffix)
-    name, k = rel.as_posix(), 0
-    while name in taken:
-        k += 1
-        name = rel.with_name(f"{rel.stem}_{k}{suffix}").as_posix()
-    taken.add(name)
-    return out / ANNOTATED / name
-
-
-def _image_sink(path: Path):
-    return lambda image: write_image(path, image)
-
-
-class _Progress:
-    """A rich bar over frames (pictures + sampled video frames) with frames/s and faces/s; off when not a terminal."""
-
-    def __init__(self, enabled: bool, console, sources: list[Source], stride: int):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        total = sum(1 if s.kind == "image" else -(-video_info(s.path)[1] // stride) for s in sources)
-        self.bar = Progress(TextColumn("{task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[fps]} frames/s  {task.fields[faces]} faces/s"),
-                            TimeRemainingColumn(), console=console, transient=True)
-        self.task = self.bar.add_task("predict", total=total or None, name="", fps="-", faces="-")
+    def __init__(self, enabled: bool, console, total: int | None):
+        super().__init__("{task.fields[name]}", "{task.fields[fps]} frames/s  {task.fields[faces]} faces/s",
+                         enabled=enabled, console=console, transient=True)
+        self.restart(total or None, name="", fps="-", faces="-")
         self.start, self.frames, self.faces = time.perf_counter(), 0, 0
-
-    def __enter__(self):
-        if self.enabled:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
 
     def source(self, src: Source) -> None:
         if self.enabled:
-            self.bar.update(self.task, name=Path(src.path).name[-30:])
+            self.update(name=Path(src.path).name[-30:])
 
-    def advance(self, faces: int) -> None:
+    def frame(self, faces: int) -> None:
         if not self.enabled:
             return
         self.frames += 1
         self.faces += faces
         dt = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.update(self.task, advance=1, fps=f"{self.frames / dt:,.1f}", faces=f"{self.faces / dt:,.1f}")
+        self.update(advance=1, fps=f"{self.frames / dt:,.1f}", faces=f"{self.faces / dt:,.1f}")
 
 
-def summary_lines(report: Report, out: Path) -> list[str]:
+def frames_total(sources: list[Source], stride: int) -> int:
+    """Frames a run will classify, from the containers' frame counts (0 where a video states none)."""
+    return sum(1 if s.kind == "image" else -(-video_info(s.path)[1] // stride) for s in sources)
+
+
+class _Run:
+    """One predict run: each source's frames -> detector -> batcher, and the source's sink."""
+
+    def __init__(self, opts: PredictOptions, detector, batcher: Batcher, bar: FrameBar, summary: PredictSummary,
+                 out: Path, report: Callable[[str], None]):
+        self.opts, self.detector, self.batcher, self.bar = opts, detector, batcher, bar
+        self.summary, self.out, self.report = summary, out, report
+        self.taken: set[str] = set()  # annotated names given out so far
+
+    def source(self, src: Source) -> None:
+        """Every frame of `src`; its failure is reported and the run goes on."""
+        self.bar.source(src)
+        try:
+            with self.open_sink(src) as sink:
+                for index, time_s, image in load_frames(src, self.opts.vid_stride):
+                    self.frame(src, index, time_s, image, sink)
+        except FaceSenseError as exc:
+            self.report(str(exc))
+
+    def frame(self, src: Source, index: int | None, time_s: float | None, image: np.ndarray,
+              sink: Sink | None) -> None:
+        boxes, crops = find_faces(to_gray(image), self.detector, self.opts.margin)
+        self.summary.count_frame(src.path, index, len(boxes))
+        records = frame_records(src.path, index, time_s, boxes)
+        self.batcher.add(records, crops, to_bgr8(image) if sink else None, sink)
+        self.bar.frame(len(boxes))
+
+    def open_sink(self, src: Source):
+        """The source's sink, chosen once, as a context manager: None, an ImageSink or a VideoSink."""
+        if not self.opts.save_annotated:
+            return nullcontext(None)
+        if src.kind == "image":
+            return nullcontext(ImageSink(self.annotated_path(src, Path(src.path).suffix), self.report))
+        fps = (video_info(src.path)[0] or VIDEO_FPS_UNKNOWN) / self.opts.vid_stride  # the sampled rate
+        return video_sink(self.annotated_path(src, ".mp4"), fps, drain=self.batcher.flush)
+
+    def annotated_path(self, src: Source, suffix: str) -> Path:
+        """DIR/annotated/<name>, unique within the run (a second photo.jpg becomes photo_1.jpg)."""
+        rel = Path(src.rel).with_suffix(suffix)
+        name, k = rel.as_posix(), 0
+        while name in self.taken:
+            k += 1
+            name = rel.with_name(f"{rel.stem}_{k}{suffix}").as_posix()
+        self.taken.add(name)
+        return self.out / ANNOTATED / name
+
+
+def predict(srcs: list[str], model: Path, out: Path, opts: PredictOptions, progress: bool = True,
+            console=None) -> PredictSummary:
+    """Run the model over every source; errors per source go into summary.failed (and to the console)."""
+    from rich.console import Console
+
+    from facesense.infer.classifier import load_classifier
+
+    opts.check()
+    detector = HaarDetector(opts.min_face) if opts.detector == "haar" else None
+    out = require_dir(out)
+    classifier = load_classifier(model, opts.device)  # a wrong --model fails here, before any work
+    sources, errors, ignored = expand_sources(srcs)
+    summary = PredictSummary(sources=len(sources) + len(errors), ignored=ignored)
+    console = console or Console(stderr=True, highlight=False)
+
+    def report(message: str) -> None:
+        summary.failed.append(message)
+        console.print(f"error: {message}", markup=False, soft_wrap=True)
+
+    for message in errors:
+        report(message)
+    out.mkdir(parents=True, exist_ok=True)
+    show = progress and console.is_terminal
+    start = time.perf_counter()
+    with atomic_path(out / PREDICTIONS) as tmp, open(tmp, "w") as fh, \
+            FrameBar(show, console, frames_total(sources, opts.vid_stride) if show else None) as bar:
+        batcher = Batcher(classifier, fh, opts.batch_size, summary.count_face)
+        run = _Run(opts, detector, batcher, bar, summary, out, report)
+        for src in sources:
+            run.source(src)
+        batcher.flush()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def summary_lines(summary: PredictSummary, out: Path) -> list[str]:
     """The short summary printed at the end: faces per label, each video's dominant emotion."""
-    rate = report.frames / report.seconds if report.seconds else 0.0
-    lines = [f"{report.faces} faces in {report.frames} pictures/frames ({report.no_face} without a face) "
-             f"from {report.sources - len(report.failed)} of {report.sources} sources, "
-             f"{report.seconds:.1f} s ({rate:,.1f} frames/s) -> {out / PREDICTIONS}"]
-    if report.labels:
-        lines.append("faces per label: " + ", ".join(f"{k} {v}" for k, v in report.labels.most_common()))
-    for video, counts in report.videos.items():
+    rate = summary.frames / summary.seconds if summary.seconds else 0.0
+    lines = [f"{summary.faces} faces in {summary.frames} pictures/frames ({summary.no_face} without a face) "
+             f"from {summary.sources - len(summary.failed)} of {summary.sources} sources, "
+             f"{summary.seconds:.1f} s ({rate:,.1f} frames/s) -> {out / PREDICTIONS}"]
+    if summary.labels:
+        lines.append("faces per label: " + ", ".join(f"{k} {v}" for k, v in summary.labels.most_common()))
+    for video, counts in summary.videos.items():
         if counts:
             label, n = counts.most_common(1)[0]
             lines.append(f"{video}: dominant emotion {label} ({n} of {sum(counts.values())} faces)")
-        elif not any(msg.startswith(f"{video}:") for msg in report.failed):
+        elif not any(msg.startswith(f"{video}:") for msg in summary.failed):
             lines.append(f"{video}: no faces found")
-    if report.ignored:
-        lines.append(f"ignored {report.ignored} files in folders that are not images or videos")
+    if summary.ignored:
+        lines.append(f"ignored {summary.ignored} files in folders that are not images or videos")
     return lines
-
-

@@ -29,31 +29,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from facesense.core import data as datacheck
-
-from facesense.train import memory
-
+from facesense.core import data as rundata
 from facesense.core import runtime
 from facesense.core.checkpoint import load_checkpoint, save_checkpoint, selection_snapshot
 from facesense.core.config import TrainConfig, resume_differences
-from facesense.core.data import data_identity, open_split, read_manifest
 from facesense.core.errors import FaceSenseError
-from facesense.eval.metrics import compute_metrics, predict_probs
+from facesense.core.files import TMP_GLOB, write_bytes
 from facesense.core.model import check_input_size, create_model
+from facesense.eval.metrics import compute_metrics, predict_probs
+from facesense.train import memory
 from facesense.train.optim import class_weights, make_ema, make_optimizer, warmup_cosine
 from facesense.train.progress import ProgressBar
 from facesense.train.rundir import RunLock, existing_run
-from pipeline.errors import mount_point, no_space
 
 OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "training_curves.png")
 
@@ -70,6 +66,56 @@ class NonFiniteLoss(FaceSenseError):
     pass
 
 
+@dataclass
+class Run:
+    """One training run: what prepare() builds and the epoch loop advances."""
+
+    cfg: TrainConfig
+    rt: runtime.Runtime
+    out: Path
+    manifest: dict  # manifest.json, read once
+    data_id: dict  # split -> what was read (dir, counts, fingerprint, shard hashes): stored in checkpoints
+    model: nn.Module  # the network (DDP and compile wrap it into `runner`)
+    runner: nn.Module  # what the step calls: model, or DDP(model), compiled or not
+    ema: object | None  # timm ModelEmaV3, when --ema
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    autocast: object  # nullcontext() or torch.autocast(...): AMP as an object
+    train_loader: object
+    val_loader: object
+    steps_per_epoch: int
+    epoch: int = 0  # 0-based epoch in progress
+    first: int = 0  # batches of `epoch` already done (a mid-epoch resume starts there)
+    step: int = 0  # optimizer steps taken in all
+    best: float = -1.0  # best val accuracy so far
+    history: list[dict] = field(default_factory=list)
+    epoch_loss: torch.Tensor | None = None  # this rank's summed step losses in the epoch (on the device)
+    epoch_correct: torch.Tensor | None = None  # ... and correct predictions on the augmented train batches
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema else self.model
+
+    def at_max_steps(self) -> bool:
+        return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
+
+
+@dataclass
+class EpochStats:
+    """What one pass of train_one_epoch did."""
+
+    done: int  # batches of the epoch done, counting those before a mid-epoch resume
+    steps: int  # steps taken in this pass
+    seconds: float
+    data_wait_s: float
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     rt = runtime.setup(cfg.device, cfg.deterministic)
     # Resolved before anything is compared or saved: a checkpoint records what actually ran.
@@ -78,21 +124,89 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         # Before anything looks at --out: a second train into it fails here, at once.
         runtime.on_all_ranks(rt, lambda: lock.acquire() if rt.is_main else None)
-        return _train(cfg, rt)
+        run = prepare(cfg, rt)
+        with ProgressBar(rt.is_main, cfg.epochs) as bar:
+            while run.epoch < cfg.epochs and not run.at_max_steps():
+                stats = train_one_epoch(run, bar)
+                if stats.steps == 0:
+                    break
+                end_epoch(run, stats, bar)
+        if rt.is_main and run.history:
+            top = max(run.history, key=lambda r: r["val_accuracy"])
+            print(f"best val accuracy {top['val_accuracy']:.4f} (epoch {top['epoch']}); "
+                  f"checkpoints in {run.out}/ (best.pt, last.pt)")
+        return TrainResult(run.model, run.ema.module if run.ema else None, run.history, run.best)
     finally:
         lock.release()  # and removes --out again if this run created it and wrote nothing
         runtime.teardown(rt)
 
 
-def _read_manifest(data: str) -> dict:
-    manifest = read_manifest(data)
-    for split in ("train", "val"):
-        if manifest["splits"][split]["count"] == 0:
-            raise FaceSenseError(f"{data}: the {split} split is empty")
-    return manifest
+# ------------------------------------------------------------------ prepare: everything before the first step
+
+def prepare(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
+    """Check the data and --out, build model, loaders and optimiser, and restore a resumed run.
+
+    Every check that can refuse the run happens before --overwrite deletes anything.
+    """
+    out = Path(cfg.out)
+    manifest, data_id = check_data(cfg, rt)
+    ckpt = runtime.on_all_ranks(rt, lambda: resume_from(cfg, out, manifest, data_id))
+    runtime.seed_everything(cfg.seed + rt.rank)  # DDP copies rank 0's initial weights to every rank
+    model = runtime.on_all_ranks(rt, lambda: build_model(cfg, rt, len(manifest["classes"]), fresh=ckpt is None))
+    autocast, scaler, batch_dtype = runtime.amp_setup(cfg.amp, cfg.amp_dtype, rt.device)
+    train_loader, val_loader = open_loaders(cfg, rt, manifest, batch_dtype)
+    if rt.is_main:
+        clean_out(out, overwrite=cfg.overwrite)
+    steps_per_epoch = len(train_loader)
+    if rt.distributed:  # the loader pads ranks to equal steps; make sure, as a mismatch would hang DDP
+        n = torch.tensor([steps_per_epoch], device=rt.device)
+        torch.distributed.all_reduce(n, torch.distributed.ReduceOp.MIN)
+        steps_per_epoch = int(n)
+    optimizer = make_optimizer(model, cfg, rt.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio))
+    criterion = nn.CrossEntropyLoss(weight=class_weights(cfg, manifest, rt.device),
+                                    label_smoothing=cfg.label_smoothing)
+    run = Run(cfg, rt, out, manifest, data_id, model, model, None, optimizer, scheduler, scaler, criterion,
+              autocast, train_loader, val_loader, steps_per_epoch,
+              epoch_loss=torch.zeros((), device=rt.device), epoch_correct=torch.zeros((), device=rt.device))
+    if ckpt:
+        restore_training_state(run, ckpt)
+    if rt.distributed:
+        run.runner = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    run.ema = make_ema(model, cfg.ema_decay) if cfg.ema else None  # after DDP's broadcast: the same on every rank
+    if run.ema and ckpt:
+        run.ema.module.load_state_dict(ckpt["ema"])
+    if uses_compile(cfg, rt):
+        run.runner = torch.compile(run.runner)
+    if ckpt:
+        restore_rank_state(run, ckpt)
+    return run
 
 
-def _start(cfg: TrainConfig, out: Path, manifest: dict, data_id: dict) -> dict | None:
+def check_data(cfg: TrainConfig, rt: runtime.Runtime) -> tuple[dict, dict]:
+    """The manifest (read once) and data identity, after the checks; warnings printed by rank 0."""
+    def read() -> dict:
+        manifest = rundata.read_manifest(cfg.data)
+        for split in ("train", "val"):
+            if manifest["splits"][split]["count"] == 0:
+                raise FaceSenseError(f"{cfg.data}: the {split} split is empty")
+        return manifest
+
+    manifest = runtime.on_all_ranks(rt, read)
+    warnings = runtime.on_all_ranks(rt, lambda: rundata.class_warnings(cfg.data, manifest))
+    if rt.is_main:
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    # The shards must be the ones the manifest lists: then data_id records the data trained on.
+    runtime.on_all_ranks(rt, lambda: (
+        rundata.check_shards(cfg.data, manifest, "train", rt.rank, rt.world_size),
+        rundata.check_shards(cfg.data, manifest, "val")))
+    return manifest, {s: rundata.data_identity(cfg.data, manifest, s) for s in ("train", "val")}
+
+
+def resume_from(cfg: TrainConfig, out: Path, manifest: dict, data_id: dict) -> dict | None:
     """The checkpoint to resume from (after checking it fits this run), or None for a new run."""
     last = out / "last.pt"
     if not cfg.resume:
@@ -117,227 +231,231 @@ def _start(cfg: TrainConfig, out: Path, manifest: dict, data_id: dict) -> dict |
     return ckpt
 
 
-def _train(cfg: TrainConfig, rt: runtime.Runtime) -> TrainResult:
-    out = Path(cfg.out)
-    manifest = runtime.on_all_ranks(rt, lambda: _read_manifest(cfg.data))
-    classes = list(manifest["classes"])
-    warnings = runtime.on_all_ranks(rt, lambda: datacheck.class_warnings(cfg.data, manifest))
+def build_model(cfg: TrainConfig, rt: runtime.Runtime, num_classes: int, fresh: bool) -> nn.Module:
+    """The network on the device, after checking its input size works and its training fits in memory."""
+    net = create_model(cfg.model, cfg.channels, num_classes, cfg.drop_rate, cfg.drop_path_rate,
+                       pretrained=cfg.pretrained and fresh, weights=cfg.weights if fresh else None,
+                       zero_init=cfg.zero_init)
+    net.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    check_input_size(net, cfg.channels, cfg.img_size, cfg.model)
+    memory.check_fits(net, cfg.channels, cfg.img_size, cfg.batch_size, cfg.amp, cfg.model, rt.device)
+    return net
+
+
+def uses_compile(cfg: TrainConfig, rt: runtime.Runtime) -> bool:
+    return cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
+
+
+def open_loaders(cfg: TrainConfig, rt: runtime.Runtime, manifest: dict, dtype: torch.dtype):
+    """(train loader over this rank's part, val loader). Every rank opens val too (small), so a bad val
+    shard fails all ranks alike; rank 0 alone uses it."""
+    compile_cpu = cfg.cpu_augment == "compiled"
+    return runtime.on_all_ranks(rt, lambda: (
+        rundata.open_split(cfg.data, "train", cfg, rt.device, train=True, batch_size=cfg.batch_size, dtype=dtype,
+                           rank=rt.rank, world_size=rt.world_size, compile_cpu=compile_cpu, manifest=manifest),
+        rundata.open_split(cfg.data, "val", cfg, rt.device, train=False, batch_size=cfg.batch_size, dtype=dtype,
+                           compile_cpu=compile_cpu, manifest=manifest)))
+
+
+def clean_out(out: Path, overwrite: bool) -> None:
+    """--out made, a killed run's temporaries removed, and with --overwrite the old run's outputs."""
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(TMP_GLOB):
+        tmp.unlink(missing_ok=True)
+    if overwrite:
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+
+
+def restore_training_state(run: Run, ckpt: dict) -> None:
+    """Weights, optimiser, schedule, scaler and position from last.pt."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.epoch, run.first, run.step, run.best = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["best_accuracy"]
+    run.history = [row for row in ckpt["history"] if row["epoch"] <= run.epoch]  # drops a partial epoch's row
+
+
+def restore_rank_state(run: Run, ckpt: dict) -> None:
+    """This rank's RNG state and epoch sums; a checkpoint from another world size reseeds instead."""
+    rt, cfg = run.rt, run.cfg
+    own = ckpt["ranks"][rt.rank] if len(ckpt["ranks"]) == rt.world_size else None
+    if own is None:
+        runtime.seed_everything(cfg.seed + rt.rank + 7919 * ckpt["step"])
+        if rt.is_main:
+            print(f"note: {len(ckpt['ranks'])} ranks wrote this checkpoint, {rt.world_size} resume it: "
+                  f"the run continues, but not bit-for-bit as it would have")
+        return
+    runtime.set_rng_state(own["rng"])
+    run.epoch_loss.fill_(own["epoch_loss_sum"])
+    run.epoch_correct.fill_(own.get("epoch_correct_sum", 0))  # checkpoint version 1 did not keep it
+
+
+# ------------------------------------------------------------------ the epoch: steps, logs, mid-epoch saves
+
+def train_one_epoch(run: Run, bar: ProgressBar) -> EpochStats:
+    """Steps from run.first to the epoch's end (or --max-steps). Only device work per step; the host
+    syncs at log points (every --log-every steps), at --save-every checkpoints and at the end."""
+    cfg, rt = run.cfg, run.rt
+    run.train_loader.set_epoch(run.epoch, run.first)
+    bar.new_epoch(run.epoch, run.steps_per_epoch, run.first)
+    run.model.train()
+    log = LogInterval(run, bar)
+    start, steps, batch = time.perf_counter(), 0, run.first - 1
+    log.data_wait.start()
+    for batch, (images, labels) in enumerate(run.train_loader, start=run.first):
+        log.data_wait.stop()
+        loss, logits = train_step(run, images, labels)
+        steps += 1
+        log.add(loss)
+        run.epoch_loss += loss
+        run.epoch_correct += (logits.detach().argmax(1) == labels).sum()  # on the device: no sync
+        bar.advance()
+        last = batch + 1 >= run.steps_per_epoch or run.at_max_steps()
+        save_now = bool(cfg.save_every) and run.step % cfg.save_every == 0 and not last
+        if run.step % cfg.log_every == 0 or last or save_now:
+            log.show()
+        if save_now:
+            save(run, (run.epoch, batch + 1), is_best=False)  # the loss was checked just above
+        if last:
+            break
+        log.data_wait.start()
+    return EpochStats(batch + 1, steps, time.perf_counter() - start, log.data_wait.seconds())
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward under the AMP context, backward, optimiser, schedule and EMA: (detached float loss, logits)."""
+    with run.autocast:
+        logits = run.runner(images)
+        loss = run.criterion(logits, labels)
+    run.scaler.scale(loss).backward()
+    if run.cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if run.ema:
+        run.ema.update(run.model, run.step)
+    run.step += 1
+    return loss.detach().float(), logits
+
+
+class LogInterval:
+    """The steps since the last progress update: their loss (on the device), images/s, data wait."""
+
+    def __init__(self, run: Run, bar: ProgressBar):
+        self.run, self.bar = run, bar
+        self.loss = torch.zeros((), device=run.rt.device)
+        self.steps, self.since, self.wait_since = 0, time.perf_counter(), 0.0
+        self.data_wait = runtime.DataWait(run.rt.device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def show(self) -> None:
+        """The host sync: mean loss over ranks (checked finite), shown with images/s and the data-wait share."""
+        run = self.run
+        value = runtime.reduce_sum(run.rt, self.loss).item() / (self.steps * run.rt.world_size)
+        check_finite(run, value, f"epoch {run.epoch + 1}, steps {run.step - self.steps + 1}-{run.step}")
+        now, wait = time.perf_counter(), self.data_wait.seconds()
+        self.bar.show(value, self.steps * run.cfg.batch_size * run.rt.world_size / (now - self.since),
+                      (wait - self.wait_since) / (now - self.since))
+        self.loss.zero_()
+        self.steps, self.since, self.wait_since = 0, now, wait
+
+
+def stopped(run: Run, what: str) -> NonFiniteLoss:
+    kept = (f"{run.out / 'last.pt'} holds the last good state" if (run.out / "last.pt").exists()
+            else "no checkpoint was written yet")
+    return NonFiniteLoss(f"{what}; the run stopped. {kept}. Try a lower --lr, --grad-clip 1.0 "
+                         f"or --amp-dtype bfloat16")
+
+
+def check_finite(run: Run, value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise stopped(run, f"the loss became {value} ({where})")
+
+
+# ------------------------------------------------------------------ the epoch's end: validate, log, save
+
+def end_epoch(run: Run, stats: EpochStats, bar: ProgressBar) -> None:
+    """Train loss and accuracy over ranks, val metrics (rank 0), metrics.jsonl, curves and checkpoints."""
+    cfg, rt = run.cfg, run.rt
+    seen = stats.done * cfg.batch_size * rt.world_size
+    train_loss = runtime.reduce_sum(rt, run.epoch_loss).item() / (stats.done * rt.world_size)
+    check_finite(run, train_loss, f"epoch {run.epoch + 1}")
+    # Accuracy on the augmented batches the model trained on (padding included under DDP):
+    # next to val accuracy it shows over- or under-fitting at a glance.
+    train_acc = runtime.reduce_sum(rt, run.epoch_correct).item() / seen
+    position = (run.epoch + 1, 0) if stats.done >= run.steps_per_epoch else (run.epoch, stats.done)
+    if position[1] == 0:
+        run.epoch_loss.zero_()  # before the checkpoint: it resumes at the next epoch's start
+        run.epoch_correct.zero_()
+    row = {"epoch": run.epoch + 1, "step": run.step, "steps_in_epoch": stats.done, "train_loss": train_loss,
+           "train_accuracy": train_acc}
+    metrics = runtime.on_all_ranks(rt, lambda: validate(run) if rt.is_main else None)  # a stop stops all
+    is_best = False
     if rt.is_main:
-        for warning in warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-    # The shards must be the ones the manifest lists: then data_id below records the data trained on.
-    runtime.on_all_ranks(rt, lambda: (datacheck.check_shards(cfg.data, manifest, "train", rt.rank, rt.world_size),
-                                      datacheck.check_shards(cfg.data, manifest, "val")))
-    data_id = {s: data_identity(cfg.data, manifest, s) for s in ("train", "val")}
-    ckpt = runtime.on_all_ranks(rt, lambda: _start(cfg, out, manifest, data_id))
+        row |= {f"val_{k}": metrics[k] for k in ("accuracy", "auc_macro_ovr", "f1_weighted")}
+        row |= {"lr": run.optimizer.param_groups[0]["lr"],
+                "images_per_s": stats.steps * cfg.batch_size * rt.world_size / stats.seconds,
+                "data_wait_share": stats.data_wait_s / stats.seconds, "epoch_time_s": stats.seconds}
+        is_best = row["val_accuracy"] > run.best
+        run.best = max(run.best, row["val_accuracy"])
+        run.history.append(row)
+    save(run, position, is_best)
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".*.tmp-*"):  # left by a run killed while writing
-            tmp.unlink(missing_ok=True)
-        if cfg.overwrite:
-            for name in OUTPUTS:
-                (out / name).unlink(missing_ok=True)
-
-    runtime.seed_everything(cfg.seed + rt.rank)  # DDP copies rank 0's initial weights to every rank
-
-    def build_model():
-        net = create_model(cfg.model, cfg.channels, len(classes), cfg.drop_rate, cfg.drop_path_rate,
-                           pretrained=cfg.pretrained and ckpt is None, weights=None if ckpt else cfg.weights,
-                           zero_init=cfg.zero_init)
-        net.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-        check_input_size(net, cfg.channels, cfg.img_size, cfg.model)
-        memory.check_fits(net, cfg.channels, cfg.img_size, cfg.batch_size, cfg.amp, cfg.model, rt.device)
-        return net
-
-    model = runtime.on_all_ranks(rt, build_model)
-    autocast, scaler, batch_dtype = runtime.amp_setup(cfg.amp, cfg.amp_dtype, rt.device)
-    use_compile = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
-    # Every rank opens val too (small), so a bad val shard fails all ranks alike; rank 0 alone uses it.
-    train_loader, val_loader = runtime.on_all_ranks(rt, lambda: (
-        open_split(cfg.data, "train", cfg, rt.device, train=True, batch_size=cfg.batch_size, dtype=batch_dtype,
-                   rank=rt.rank, world_size=rt.world_size, compile_cpu=use_compile),
-        open_split(cfg.data, "val", cfg, rt.device, train=False, batch_size=cfg.batch_size, dtype=batch_dtype)))
-    steps_per_epoch = len(train_loader)
-    if rt.distributed:  # the loader pads ranks to equal steps; make sure, as a mismatch would hang DDP
-        n = torch.tensor([steps_per_epoch], device=rt.device)
-        torch.distributed.all_reduce(n, torch.distributed.ReduceOp.MIN)
-        steps_per_epoch = int(n)
-    total_steps = cfg.epochs * steps_per_epoch
-    optimizer = make_optimizer(model, cfg, rt.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio))
-    criterion = nn.CrossEntropyLoss(weight=class_weights(cfg, manifest, rt.device),
-                                    label_smoothing=cfg.label_smoothing)
-
-    epoch, first, step, best, history = 0, 0, 0, -1.0, []
-    epoch_loss = torch.zeros((), device=rt.device)  # this rank's summed step losses in the epoch
-    epoch_correct = torch.zeros((), device=rt.device)  # ... and correct predictions on augmented train batches
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, first, step, best = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["best_accuracy"]
-        history = [row for row in ckpt["history"] if row["epoch"] <= epoch]  # drops a partial epoch's row
-    runner = model
-    if rt.distributed:
-        runner = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
-    ema = make_ema(model, cfg.ema_decay) if cfg.ema else None  # after DDP's broadcast: the same on every rank
-    if ema and ckpt:
-        ema.module.load_state_dict(ckpt["ema"])
-    if use_compile:
-        runner = torch.compile(runner)
-    if ckpt:
-        own = ckpt["ranks"][rt.rank] if len(ckpt["ranks"]) == rt.world_size else None
-        if own is None:
-            runtime.seed_everything(cfg.seed + rt.rank + 7919 * ckpt["step"])
-            if rt.is_main:
-                print(f"note: {len(ckpt['ranks'])} ranks wrote this checkpoint, {rt.world_size} resume it: "
-                      f"the run continues, but not bit-for-bit as it would have")
-        else:
-            runtime.set_rng_state(own["rng"])
-            epoch_loss.fill_(own["epoch_loss_sum"])
-            epoch_correct.fill_(own.get("epoch_correct_sum", 0))
-
-    def checkpoint(position: tuple[int, int], is_best: bool) -> None:
-        """Write last.pt (and best.pt); every rank takes part (their RNG states are gathered)."""
-        ranks = runtime.gather_rank_states(rt, {"rng": runtime.rng_state(), "epoch_loss_sum": float(epoch_loss),
-                                              "epoch_correct_sum": float(epoch_correct)})
-        if not rt.is_main:
-            return
-        payload = {"model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict(), "ranks": ranks, "epoch": position[0], "batch": position[1],
-                   "step": step, "best_accuracy": best, "history": history,
-                   "config": cfg.to_dict(), "classes": classes, "data": data_id}
-        save_checkpoint(out / "last.pt", payload)
-        if is_best:
-            save_checkpoint(out / "best.pt", selection_snapshot(payload))
-
-    def stopped(what: str) -> NonFiniteLoss:
-        kept = (f"{out / 'last.pt'} holds the last good state" if (out / "last.pt").exists()
-                else "no checkpoint was written yet")
-        return NonFiniteLoss(f"{what}; the run stopped. {kept}. Try a lower --lr, --grad-clip 1.0 "
-                             f"or --amp-dtype bfloat16")
-
-    def check_finite(value: float, where: str) -> None:
-        if not math.isfinite(value):
-            raise stopped(f"the loss became {value} ({where})")
-
-    def validate() -> dict:
-        """Val metrics (rank 0); outputs gone to NaN/inf stop the run as a NaN loss does."""
-        probs, labels = predict_probs(ema.module if ema else model, val_loader, autocast)
-        if not np.isfinite(probs).all():
-            raise stopped(f"the model's outputs on val became non-finite (epoch {epoch + 1})")
-        return compute_metrics(probs, labels, classes)
-
-    stop = cfg.max_steps and step >= cfg.max_steps
-    with ProgressBar(rt.is_main, cfg.epochs) as bar:
-        while epoch < cfg.epochs and not stop:
-            train_loader.set_epoch(epoch, first)
-            bar.new_epoch(epoch, steps_per_epoch, first)
-            model.train()
-            interval_loss = torch.zeros((), device=rt.device)
-            start = last_log = time.perf_counter()
-            data_wait, wait_log = runtime.DataWait(rt.device), 0.0
-            n_interval = n_epoch = 0  # steps since the last log, since this (re)start of the epoch
-            batch = first - 1
-            data_wait.start()
-            for batch, (images, labels) in enumerate(train_loader, start=first):
-                data_wait.stop()
-                with autocast:
-                    logits = runner(images)
-                    loss = criterion(logits, labels)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if ema:
-                    ema.update(model, step)
-                step += 1
-                n_interval += 1
-                n_epoch += 1
-                loss = loss.detach().float()
-                interval_loss += loss
-                epoch_loss += loss
-                epoch_correct += (logits.detach().argmax(1) == labels).sum()  # on the device: no sync
-                bar.advance()
-                stop = bool(cfg.max_steps) and step >= cfg.max_steps
-                end_of_epoch = batch + 1 >= steps_per_epoch
-                save_now = cfg.save_every and step % cfg.save_every == 0 and not (end_of_epoch or stop)
-                if step % cfg.log_every == 0 or end_of_epoch or stop or save_now:
-                    value = runtime.reduce_sum(rt, interval_loss).item() / (n_interval * rt.world_size)  # host sync
-                    check_finite(value, f"epoch {epoch + 1}, steps {step - n_interval + 1}-{step}")
-                    now, wait = time.perf_counter(), data_wait.seconds()
-                    bar.show(value, n_interval * cfg.batch_size * rt.world_size / (now - last_log),
-                             (wait - wait_log) / (now - last_log))
-                    interval_loss.zero_()
-                    n_interval, last_log, wait_log = 0, now, wait
-                if save_now:
-                    checkpoint((epoch, batch + 1), is_best=False)  # the loss was checked just above
-                if end_of_epoch or stop:
-                    break
-                data_wait.start()
-            elapsed = time.perf_counter() - start
-            if n_epoch == 0:
-                break
-
-            # End of the epoch (or of the run, at --max-steps): validate, log, checkpoint.
-            done = batch + 1
-            train_loss = runtime.reduce_sum(rt, epoch_loss).item() / (done * rt.world_size)
-            check_finite(train_loss, f"epoch {epoch + 1}")
-            # Accuracy on the augmented batches the model trained on (padding included under DDP):
-            # next to val accuracy it shows over- or under-fitting at a glance.
-            train_acc = runtime.reduce_sum(rt, epoch_correct).item() / (done * cfg.batch_size * rt.world_size)
-            position = (epoch + 1, 0) if done >= steps_per_epoch else (epoch, done)
-            if position[1] == 0:
-                epoch_loss.zero_()  # before the checkpoint: it resumes at the next epoch's start
-                epoch_correct.zero_()
-            row = {"epoch": epoch + 1, "step": step, "steps_in_epoch": done, "train_loss": train_loss,
-                   "train_accuracy": train_acc}
-            is_best = False
-            metrics = runtime.on_all_ranks(rt, lambda: validate() if rt.is_main else None)  # a stop stops all
-            if rt.is_main:
-                row |= {f"val_{k}": metrics[k] for k in ("accuracy", "auc_macro_ovr", "f1_weighted")}
-                row |= {"lr": optimizer.param_groups[0]["lr"],
-                        "images_per_s": n_epoch * cfg.batch_size * rt.world_size / elapsed,
-                        "data_wait_share": data_wait.seconds() / elapsed, "epoch_time_s": elapsed}
-                is_best = row["val_accuracy"] > best
-                best = max(best, row["val_accuracy"])
-                history.append(row)
-            checkpoint(position, is_best)
-            if rt.is_main:
-                _write_logs(out, history)
-                auc = row["val_auc_macro_ovr"]
-                bar.print(f"epoch {epoch + 1}/{cfg.epochs}  step {step}  train loss {train_loss:.4f}  "
-                          f"train acc {train_acc:.4f}  "
-                          f"val acc {row['val_accuracy']:.4f}  AUC {'-' if auc is None else f'{auc:.4f}'}  "
-                          f"F1 {row['val_f1_weighted']:.4f}  {row['images_per_s']:,.0f} img/s  "
-                          f"data wait {row['data_wait_share']:.0%}" + ("  *best*" if is_best else ""))
-            epoch, first = position
-    if rt.is_main and history:
-        top = max(history, key=lambda r: r["val_accuracy"])
-        print(f"best val accuracy {top['val_accuracy']:.4f} (epoch {top['epoch']}); "
-              f"checkpoints in {out}/ (best.pt, last.pt)")
-    return TrainResult(model, ema.module if ema else None, history, best)
+        write_logs(run.out, run.history)
+        bar.print(epoch_line(row, cfg.epochs, is_best))
+    run.epoch, run.first = position
 
 
-def _write_logs(out: Path, history: list[dict]) -> None:
+def validate(run: Run) -> dict:
+    """Val metrics (rank 0) of the EMA when kept; outputs gone to NaN/inf stop the run as a NaN loss does."""
+    probs, labels = predict_probs(run.eval_model, run.val_loader, run.autocast)
+    if not np.isfinite(probs).all():
+        raise stopped(run, f"the model's outputs on val became non-finite (epoch {run.epoch + 1})")
+    return compute_metrics(probs, labels, run.classes)
+
+
+def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
+    auc = row["val_auc_macro_ovr"]
+    return (f"epoch {row['epoch']}/{epochs}  step {row['step']}  train loss {row['train_loss']:.4f}  "
+            f"train acc {row['train_accuracy']:.4f}  val acc {row['val_accuracy']:.4f}  "
+            f"AUC {'-' if auc is None else f'{auc:.4f}'}  F1 {row['val_f1_weighted']:.4f}  "
+            f"{row['images_per_s']:,.0f} img/s  data wait {row['data_wait_share']:.0%}"
+            + ("  *best*" if is_best else ""))
+
+
+def save(run: Run, position: tuple[int, int], is_best: bool) -> None:
+    """Write last.pt (and best.pt); every rank takes part (their RNG states and sums are gathered)."""
+    ranks = runtime.gather_rank_states(run.rt, {"rng": runtime.rng_state(), "epoch_loss_sum": float(run.epoch_loss),
+                                                "epoch_correct_sum": float(run.epoch_correct)})
+    if not run.rt.is_main:
+        return
+    payload = {"model": run.model.state_dict(), "ema": run.ema.module.state_dict() if run.ema else None,
+               "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+               "scaler": run.scaler.state_dict(), "ranks": ranks, "epoch": position[0], "batch": position[1],
+               "step": run.step, "best_accuracy": run.best, "history": run.history,
+               "config": run.cfg.to_dict(), "classes": run.classes, "data": run.data_id}
+    save_checkpoint(run.out / "last.pt", payload)
+    if is_best:
+        save_checkpoint(run.out / "best.pt", selection_snapshot(payload))
+
+
+def write_logs(out: Path, history: list[dict]) -> None:
     """metrics.jsonl (rewritten whole, so a resumed run never duplicates rows) and the curves."""
     from facesense.eval.plots import training_curves
 
-    tmp = out / f".metrics.jsonl.tmp-{os.getpid()}"
+    hint = f"{out / 'last.pt'} is saved: free space and rerun with --resume"
     try:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        os.replace(tmp, out / "metrics.jsonl")
+        write_bytes(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
         training_curves(history, out / "training_curves.png")
-    except OSError as exc:  # last.pt is already written: --resume continues from it
-        tmp.unlink(missing_ok=True)
-        why = (f"no space left on device {mount_point(out)}" if no_space(exc)
-               else f"cannot write {exc.filename or out} ({exc.strerror})")
-        raise FaceSenseError(f"{why}; {out / 'last.pt'} is saved: free space and rerun with --resume") from exc
+    except FaceSenseError as exc:  # last.pt is already written: --resume continues from it
+        raise FaceSenseError(f"{exc}; {hint}") from exc
+    except OSError as exc:
+        raise FaceSenseError(f"cannot write {exc.filename or out} ({exc.strerror}); {hint}") from exc
