@@ -2,7 +2,7 @@
 
 Forked workers start in milliseconds and inherit the parent's modules and arrays
 (read-only data needs no pickling). Workers die quietly on SIGTERM and ignore
-Ctrl-C; the parent turns both into an exception and cleans up (see pack.py).
+Ctrl-C; the parent turns both into an exception and cleans up (see pipeline/interrupts.py).
 """
 from __future__ import annotations
 

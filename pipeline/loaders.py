@@ -24,9 +24,11 @@ generator) see the same draws on CPU only.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,8 +122,9 @@ class Loader:
         pad = self.num_samples - self.part_size
         return torch.cat([order, order[:pad]]) if pad else order
 
-    def index_batches(self, epoch: int | None = None, device=None) -> list[torch.Tensor]:
-        order = self.epoch_order(epoch).to(device or "cpu")  # one copy per epoch, views per batch
+    def index_batches(self) -> list[torch.Tensor]:
+        """The current epoch's order cut into batches (CPU views of one tensor)."""
+        order = self.epoch_order()
         b = self.cfg.batch_size
         return [order[i * b:(i + 1) * b] for i in range(len(self))]
 
@@ -163,9 +166,10 @@ class ResidentLoader(Loader):
             if triton_available(device):
                 self.augment, self.engine = augment_triton, "triton"
         elif cfg.compile_cpu:
-            from kernels.cpu_fused import compiled_explicit
+            from kernels.cpu_fused import compiled_engine
 
-            self.augment, self.engine = compiled_explicit(), "compiled_explicit"
+            # The label predates the function's name; benchmarks/results record it, so it stays.
+            self.augment, self.engine = compiled_engine(), "compiled_explicit"
 
     def __iter__(self):
         plan = self.plan(self.epoch, self.device)
@@ -179,35 +183,57 @@ class ResidentLoader(Loader):
             yield self.augment(self.images, plan.order[part], params[part], self.out), labels[part]
 
 
+@dataclass
+class _DaliPipeline:
+    """One built DALI pipeline and the epochs its source has handed it.
+
+    DALI asks its source for an epoch ahead of use (prefetch, and again at each reset), before
+    the training loop calls set_epoch, so the source counts epochs itself from `origin`.
+    """
+
+    origin: tuple[int, int]  # (epoch, start batch) the pipeline was built for
+    iterator: Any = None  # the DaliBatchIterator over `DaliLoader._epoch_batches(self)`
+    epochs_started: int = 0  # epochs the source has begun producing
+    # What the next `for` over the iterator yields: (epoch, start batch), known once the last batch
+    # of an epoch went out; None: unknown (an epoch cut short, a new view): build afresh.
+    next: tuple[int, int] | None = None
+
+    def start_epoch(self) -> tuple[int, int]:
+        """The (epoch, start batch) the source produces now, counted on from the origin."""
+        epoch, start = self.origin
+        if self.epochs_started:
+            epoch, start = epoch + self.epochs_started, 0
+        self.epochs_started += 1
+        return epoch, start
+
+
 class DaliLoader(Loader):
     """Host-resident uint8 split fed through DALI, following the shared epoch plan.
 
     The plan is drawn with a CPU generator, so on CPU DALI and the resident loader see the
     same draws (tested); on CUDA the resident loader draws on the GPU and they differ.
 
-    DALI asks its source for an epoch ahead of use (prefetch, and again at each reset),
-    before the training loop calls set_epoch. So the pipeline counts epochs itself from
-    where it was built, and is rebuilt only when asked for an epoch it did not expect
-    (the first one, a resume, or after an epoch that was not run to the end).
+    The pipeline (a `_DaliPipeline`) counts epochs itself from where it was built, and is rebuilt
+    only when asked for an epoch it did not expect (the first one, a resume, or after an epoch
+    that was not run to the end).
     """
 
     def __init__(self, part: SplitArrays, count: int, cfg: LoaderConfig, device: torch.device):
         super().__init__(part, count, cfg, device)
         self.images, self.labels = part.images, part.labels
         self.device_id = (device.index or 0) if device.type == "cuda" else None
-        self.dali, self._next, self._origin, self._calls = None, None, (0, 0), 0
+        self.dali: _DaliPipeline | None = None
         self.builds = 0  # pipelines built so far: one per run, unless epochs are cut short or skipped
 
     def set_view(self, view: View | None) -> None:
         super().set_view(view)
-        self._next = None  # DALI may already be preparing a pass with the previous view: rebuild
+        if self.dali is not None:
+            self.dali.next = None  # DALI may already be preparing a pass with the previous view: rebuild
 
-    def _epoch_batches(self):
+    def _epoch_batches(self, dali: _DaliPipeline):
         from pipeline.dali_augment import dali_param_arrays
 
-        epoch, start = self._origin
-        epoch, start = epoch + self._calls, (start if self._calls == 0 else 0)
-        self._calls += 1
+        epoch, start = dali.start_epoch()
         plan = self.plan(epoch, "cpu")
         order = plan.order.numpy()
         arrays = dali_param_arrays(plan.params, self.images.shape[1:], self.out)  # the whole epoch at once
@@ -219,21 +245,22 @@ class DaliLoader(Loader):
         from pipeline.dali_augment import dali_iterator
 
         wanted = (self.epoch, self.start_batch)
-        if self.dali is None or self._next != wanted:
-            self._origin, self._calls = wanted, 0
-            self.dali = dali_iterator(self._epoch_batches, self.out, self.cfg.batch_size,
-                                      device_id=self.device_id, num_threads=max(1, self.cfg.workers),
-                                      seed=self.cfg.seed)
+        dali = self.dali
+        if dali is None or dali.next != wanted:
+            dali = self.dali = _DaliPipeline(origin=wanted)
+            dali.iterator = dali_iterator(functools.partial(self._epoch_batches, dali), self.out,
+                                          self.cfg.batch_size, device_id=self.device_id,
+                                          num_threads=max(1, self.cfg.workers), seed=self.cfg.seed)
             self.builds += 1
-        self._next = None
+        dali.next = None
         remaining = len(self) - self.start_batch
         # The training loop breaks right after an epoch's last batch, so nothing after this loop is
         # sure to run: record the hand-over when the last batch goes out. DALI's iterator is then at
         # its epoch's end; the next `for` over it (iter() resets it) continues with the epoch it is
         # already prefetching.
-        for i, (images, labels) in enumerate(self.dali):
+        for i, (images, labels) in enumerate(dali.iterator):
             if i == remaining - 1:  # eval passes do not depend on the epoch: the same pass comes next
-                self._next = (self.epoch + 1, 0) if self.cfg.train else (self.epoch, 0)
+                dali.next = (self.epoch + 1, 0) if self.cfg.train else (self.epoch, 0)
             yield images.to(self.device), labels.to(self.device)
 
 

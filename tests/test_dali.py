@@ -1,27 +1,21 @@
-"""The DALI engine against the pure-torch reference (the spec), on CPU (device_id=None).
+"""The DALI engine: what only it has (exact flips and jitter, the erase op, partial batches, its
+iterator), on CPU (device_id=None). Its comparison with the reference and the identity run in
+tests/test_engines.py with the other engines.
 
 GPU variants run only where CUDA is present.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("nvidia.dali")
 
 from kernels.reference import augment_reference  # noqa: E402
-from kernels.spec import AugConfig, OutputSpec, erase_box, identity_params, sample_params  # noqa: E402
+from kernels.spec import AugConfig, erase_box, identity_params, sample_params  # noqa: E402
 from pipeline import dali_augment  # noqa: E402
 from pipeline.dali_augment import dali_iterator  # noqa: E402
+from test_engines import DALI_BATCH as B, assert_close, dali_batches, output_spec, run_dali, unit_scale  # noqa: E402
 
-B = 8  # pipeline batch size (the maximum)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def make_out(size: int, channels: int, dtype=torch.float32) -> OutputSpec:
-    if channels == 1:
-        return OutputSpec(size=size, channels=1, mean=(0.5,), std=(0.25,), dtype=dtype)
-    # distinct per-channel statistics catch a channel mix-up
-    return OutputSpec(size=size, channels=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), dtype=dtype)
 
 
 def data(n: int, seed: int = 0):
@@ -32,58 +26,16 @@ def data(n: int, seed: int = 0):
     return images, labels, params
 
 
-def augment_with_dali(images, params, out: OutputSpec, device_id=None) -> torch.Tensor:
-    """Batches of at most B through the loaders' own path (dali_iterator), concatenated."""
-    labels = torch.zeros(len(params), dtype=torch.long)
-    loader = dali_iterator(batches_of(images, labels, params), out, B, device_id=device_id)
-    return torch.cat([x for x, _ in loader]).contiguous(memory_format=torch.channels_last)
-
-
-def unnormalise(x: torch.Tensor, out: OutputSpec) -> torch.Tensor:
-    """(B, C, S, S) normalised -> [0, 1] scale, float32."""
-    mean, std = out.channel_stats()
-    return x.float() * torch.tensor(std, device=x.device).view(1, -1, 1, 1) + \
-        torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-
-
-def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, out: OutputSpec):
-    assert got.shape == want.shape == (want.shape[0], out.channels, out.size, out.size)
-    assert got.dtype == out.dtype
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    err = (unnormalise(got, out) - unnormalise(want, out)).abs()
-    assert err.max().item() <= 2 / 255, f"max error {err.max().item() * 255:.3f}/255"
-    assert err.mean().item() <= 0.5 / 255, f"mean error {err.mean().item() * 255:.3f}/255"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("size", [48, 112])
-def test_matches_reference(size, channels, dtype):
-    images, _, params = data(B, seed=size + channels)
-    assert params.erase.any() and not params.erase.all()  # both kinds of sample present
-    out = make_out(size, channels, dtype)
-    got = augment_with_dali(images, params, out)
-    want = augment_reference(images, torch.arange(B), params, out)
-    assert_close_to_reference(got, want, out)
-
-
-@pytest.mark.parametrize("size", [48, 112])
-def test_identity_returns_resized_input(size):
-    images, _, _ = data(4)
-    out = make_out(size, 1)
-    got = unnormalise(augment_with_dali(images, identity_params(4), out), out)
-    src = images.unsqueeze(1).float() / 255
-    want = src if size == 48 else F.interpolate(src, size=(size, size), mode="bilinear",
-                                                align_corners=False)
-    assert (got - want).abs().max().item() < 1e-4
+def augment_with_dali(images, params, out, device_id=None) -> torch.Tensor:
+    return run_dali(images, torch.arange(len(images)), params, out, device_id=device_id)
 
 
 def test_flip_is_exact():
     images, _, _ = data(4)
     params = identity_params(4)
     params.flip[:] = torch.tensor([True, False, True, False])
-    out = make_out(48, 1)
-    got = unnormalise(augment_with_dali(images, params, out), out)
+    out = output_spec(48, 1)
+    got = unit_scale(augment_with_dali(images, params, out), out)
     src = images.unsqueeze(1).float() / 255
     want = torch.where(params.flip.view(-1, 1, 1, 1), src.flip(-1), src)
     assert (got - want).abs().max().item() < 1e-4
@@ -97,16 +49,16 @@ def test_jitter_is_exact():
     g = torch.Generator().manual_seed(4)
     params.brightness[:] = 0.6 + 0.8 * torch.rand(B, generator=g)  # wide, to reach the clamp
     params.contrast[:] = 0.6 + 0.8 * torch.rand(B, generator=g)
-    out = make_out(48, 1)
+    out = output_spec(48, 1)
     got = augment_with_dali(images, params, out)
     want = augment_reference(images, torch.arange(B), params, out)
-    assert (unnormalise(got, out) - unnormalise(want, out)).abs().max().item() < 0.01 / 255
+    assert (unit_scale(got, out) - unit_scale(want, out)).abs().max().item() < 0.01 / 255
 
 
 def test_erase_box_is_zero_exactly():
     images, _, _ = data(4)
     params = sample_params(4, AugConfig(erase_p=1.0), torch.Generator().manual_seed(3))
-    out = make_out(112, 3)
+    out = output_spec(112, 3)
     got = augment_with_dali(images, params, out)
     box = erase_box(params, out.size)
     for i, (x0, y0, x1, y1) in enumerate(box.tolist()):
@@ -119,15 +71,15 @@ def test_erase_box_is_zero_exactly():
 
 def test_partial_batch_and_outputs_stay_valid():
     images, labels, params = data(B + 3, seed=7)
-    out = make_out(112, 3, torch.float16)
+    out = output_spec(112, 3, torch.float16)
     # full batch, 3 samples through the pipeline built for 8, then a full batch again
     source = [(images[:B], labels[:B], params[:B]), (images[B:], labels[B:], params[B:]),
               (images[:B], labels[:B], params[:B])]
     full, last, again = [x for x, _ in dali_iterator(source, out, B)]
     assert last.shape == (3, 3, 112, 112)
     want = augment_reference(images, torch.arange(B + 3), params, out)
-    assert_close_to_reference(full, want[:B], out)  # still intact after later runs
-    assert_close_to_reference(last, want[B:], out)
+    assert_close(full, want[:B], out)  # still intact after later runs
+    assert_close(last, want[B:], out)
     assert torch.equal(full, again)
 
 
@@ -142,32 +94,28 @@ def check_iterator(loader, images, labels, params, out, device="cpu"):
         assert torch.equal(torch.cat([y for _, y in batches]).cpu(), labels)
         for x, y in batches:
             assert x.device.type == device and y.device.type == device and y.dtype == torch.int64
-        assert_close_to_reference(batches[0][0], want[:B], out)
-        assert_close_to_reference(got.contiguous(memory_format=torch.channels_last), want, out)
-
-
-def batches_of(images, labels, params):
-    return [(images[i:i + B], labels[i:i + B], params[i:i + B]) for i in range(0, len(images), B)]
+        assert_close(batches[0][0], want[:B], out)
+        assert_close(got.contiguous(memory_format=torch.channels_last), want, out)
 
 
 def test_iterator_matches_reference():
     images, labels, params = data(2 * B + 5, seed=11)
-    out = make_out(112, 3, torch.bfloat16)
-    loader = dali_iterator(batches_of(images, labels, params), out, B)
+    out = output_spec(112, 3, torch.bfloat16)
+    loader = dali_iterator(dali_batches(images, labels, params), out, B)
     check_iterator(loader, images, labels, params, out)
 
 
 def test_iterator_takes_a_callable_source():
     images, labels, params = data(2 * B + 1, seed=12)
-    out = make_out(48, 1)
-    loader = dali_iterator(lambda: iter(batches_of(images, labels, params)), out, B)
+    out = output_spec(48, 1)
+    loader = dali_iterator(lambda: iter(dali_batches(images, labels, params)), out, B)
     check_iterator(loader, images, labels, params, out)
 
 
 def test_clear_error_without_dali(monkeypatch):
     monkeypatch.setattr(dali_augment, "_DALI_IMPORT_ERROR", ImportError("no module"))
     with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
-        dali_iterator([], make_out(48, 1), B)
+        dali_iterator([], output_spec(48, 1), B)
 
 
 @cuda
@@ -175,16 +123,16 @@ def test_clear_error_without_dali(monkeypatch):
                                             (3, torch.bfloat16)])
 def test_gpu_matches_reference(channels, dtype):
     images, _, params = data(B + 3, seed=5)
-    out = make_out(112, channels, dtype)
+    out = output_spec(112, channels, dtype)
     got = augment_with_dali(images, params, out, device_id=0)
-    assert got.is_cuda and got.is_contiguous(memory_format=torch.channels_last)
+    assert got.is_cuda
     want = augment_reference(images.cuda(), torch.arange(B + 3, device="cuda"), params, out)
-    assert_close_to_reference(got.contiguous(memory_format=torch.channels_last), want, out)
+    assert_close(got, want, out)
 
 
 @cuda
 def test_gpu_iterator_matches_reference():
     images, labels, params = data(2 * B + 5, seed=13)
-    out = make_out(112, 3, torch.float16)
-    loader = dali_iterator(batches_of(images, labels, params), out, B, device_id=0)
+    out = output_spec(112, 3, torch.float16)
+    loader = dali_iterator(dali_batches(images, labels, params), out, B, device_id=0)
     check_iterator(loader, images, labels, params, out, device="cuda")
