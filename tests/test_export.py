@@ -18,7 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 
 
 def faces(n: int) -> np.ndarray:
-    """Real FER2013 val faces when packed here, else made-up ones (the parity check still holds)."""
+    """Real FER2013 val faces from ../shared/fer2013, else made-up ones (the parity check still holds)."""
     found = fer_val(n)
     if found is not None:
         return found[0]

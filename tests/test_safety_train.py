@@ -309,3 +309,59 @@ def test_eval_of_non_finite_outputs_is_a_clear_error():
     probs[1] = np.nan
     with pytest.raises(FaceSenseError, match="NaN or infinite for 1 of 4 images"):
         compute_metrics(probs, np.array([0, 1, 2, 3]), list(FER2013_CLASSES))
+
+
+# ------------------------------------------------------------------ found by a hostile new user (issue 17)
+
+def test_overwrite_refused_by_a_later_check_keeps_the_old_run(data, tmp_path, monkeypatch):
+    import facesense.train.memory as memory
+
+    out = tmp_path / "run"
+    assert invoke(quick(data, out)).exit_code == 0
+    before = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt", "metrics.jsonl")}
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 50 * 2**20)  # the memory check refuses
+    line = error_line(invoke(quick(data, out, "--overwrite", "--img-size", "512", "--batch-size", "32")))
+    assert "needs about" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_small_input_sizes_are_estimated_without_a_train_mode_batch_of_one(size):
+    from facesense.core.model import create_model
+    from facesense.train.memory import activation_bytes
+
+    # EfficientNet-B0's last maps are 1x1 at these sizes: a batch of one fails in BatchNorm's train mode.
+    assert activation_bytes(create_model("efficientnet_b0", 1, 7), 1, size) > 0
+
+
+def test_small_input_size_trains(data, tmp_path):
+    assert invoke(quick(data, tmp_path / "run", "--img-size", "16")).exit_code == 0
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_out_inside_data_is_refused(data, tmp_path, where):
+    out = data if where == "same" else data / "run"
+    before = sorted(p.name for p in data.iterdir())
+    line = error_line(invoke(quick(data, out)))
+    assert "is inside --data" in line
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
+def test_resume_on_fewer_ranks_carries_the_epochs_sums(data, tmp_path):
+    """A mid-epoch checkpoint of 2 ranks resumed on 1: the epoch's train loss and accuracy count every
+    batch of the epoch, the 2 ranks' (carried in their sums) and the resumed run's."""
+    out = tmp_path / "run"
+    assert invoke(quick(data, out, "--save-every", "2")).exit_code == 0  # stops at step 2 of 6: mid-epoch
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"]) == (0, 2)
+    rank = ckpt["ranks"][0]
+    # As if two ranks had each trained 2 batches with a mean loss of 1000 and no correct prediction.
+    ckpt["ranks"] = [{**rank, "epoch_loss_sum": 2000.0, "epoch_correct_sum": 0.0, "epoch_batches": 2}] * 2
+    save_checkpoint(out / "last.pt", ckpt)
+    result = invoke(train_args(data, out, "--epochs", "1", "--resume"))
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["epoch"] == 1 and row["steps_in_epoch"] == 6
+    # (4 x 1000 + 4 real losses below 10) / 8 batches; without the carried sums it would be a real loss.
+    assert 500 < row["train_loss"] < 505
+    assert row["train_accuracy"] <= 0.5  # 4 of the 8 batches count no correct prediction

@@ -4,11 +4,13 @@ A checkpoint is a dict of tensors and plain Python values only (state dicts, the
 config as a dict, RNG states as tensors), so loading one cannot run code:
 `weights_only=True` refuses anything else.
 
-    format, version     "facesense-checkpoint", 2 (version 1 lacked epoch_correct_sum; still read)
+    format, version     "facesense-checkpoint", 2 (version 1 lacked epoch_correct_sum and epoch_batches;
+                        still read)
     model, ema          state dicts (ema None when off); eval uses ema when present
     optimizer, scheduler, scaler   their state dicts
     ranks               per rank: {rng: RNG states, epoch_loss_sum: its step losses so far this epoch,
-                        epoch_correct_sum: its correct train predictions so far this epoch}
+                        epoch_correct_sum: its correct train predictions so far this epoch,
+                        epoch_batches: how many batches those two sums hold}
     epoch, batch        position: `batch` batches of 0-based `epoch` are done (0 = at its start)
     step                optimizer steps taken in all
     best_accuracy, history   best val accuracy so far; per-epoch metrics rows
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from facesense.core.config import TrainConfig
 
 FORMAT, VERSION = "facesense-checkpoint", 2
-READS = (1, 2)  # versions this FaceSense loads: 1 differs only in lacking ranks[i]["epoch_correct_sum"]
+READS = (1, 2)  # versions this FaceSense loads: 1 lacks only ranks[i]["epoch_correct_sum", "epoch_batches"]
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

@@ -230,14 +230,18 @@ def write_image(path: Path, image: np.ndarray) -> None:
 
 class ImageSink:
     """An image source's annotated copy. It is written when its batch is classified, possibly while a
-    later source is being read, so its error is reported here, under its own name."""
+    later source is being read, so its error is reported here, under its own name.
 
-    def __init__(self, path: Path, report: Callable[[str], None]):
-        self.path, self.report = path, report
+    `name()` gives its path on that first write: a picture that could not be read takes no name
+    (sinks are called in source order, so the names are those a picture-by-picture run gives).
+    """
+
+    def __init__(self, name: Callable[[], Path], report: Callable[[str], None]):
+        self.name, self.report = name, report
 
     def __call__(self, image: np.ndarray) -> None:
         try:
-            write_image(self.path, image)
+            write_image(self.name(), image)
         except FaceSenseError as exc:
             self.report(str(exc))
 
@@ -295,7 +299,7 @@ class _Held:
     records: list[dict]
     faces: list[dict]  # the records with a box, one per crop
     crops: np.ndarray  # (len(faces), 48, 48) uint8
-    image: np.ndarray | None = None  # BGR copy to draw on, when it has a sink
+    image: np.ndarray | None = None  # BGR copy to draw on, given with its sink
     sink: Sink | None = None
 
 
@@ -309,12 +313,13 @@ class Batcher:
 
     def add(self, records: list[dict], crops: np.ndarray, image: np.ndarray | None = None,
             sink: Sink | None = None) -> None:
+        """One frame's records and the crops of those with a box; `image` goes to `sink` once annotated."""
         faces = [rec for rec in records if rec["box"] is not None]
         if len(faces) != len(crops):
             raise ValueError(f"{len(faces)} face records but {len(crops)} crops")
-        self.pending.append(_Held(records, faces, crops, image if sink else None, sink))
+        self.pending.append(_Held(records, faces, crops, image, sink))
         self.n_crops += len(crops)
-        self.n_images += sink is not None
+        self.n_images += image is not None
         if self.n_crops >= self.batch_size or self.n_images >= MAX_HELD_FRAMES:
             self.flush()
 
@@ -334,7 +339,7 @@ class Batcher:
         if lines:
             self.out_file.write("\n".join(lines) + "\n")
         for held in pending:
-            if held.sink is not None:
+            if held.image is not None:
                 held.sink(annotate(held.image, held.records))
 
     def _label(self, rec: dict, p: np.ndarray) -> None:
@@ -403,7 +408,7 @@ class _Run:
         if not self.opts.save_annotated:
             return nullcontext(None)
         if src.kind == "image":
-            return nullcontext(ImageSink(self.annotated_path(src, Path(src.path).suffix), self.report))
+            return nullcontext(ImageSink(lambda: self.annotated_path(src, Path(src.path).suffix), self.report))
         fps = (video_info(src.path)[0] or VIDEO_FPS_UNKNOWN) / self.opts.vid_stride  # the sampled rate
         return video_sink(self.annotated_path(src, ".mp4"), fps, drain=self.batcher.flush)
 

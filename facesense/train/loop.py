@@ -49,7 +49,7 @@ from facesense.eval.metrics import compute_metrics, predict_probs
 from facesense.train import memory
 from facesense.train.optim import class_weights, make_ema, make_optimizer, warmup_cosine
 from facesense.train.progress import ProgressBar
-from facesense.train.rundir import RunLock, existing_run
+from facesense.train.rundir import RunLock, check_outside_data, existing_run
 
 OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "training_curves.png")
 
@@ -93,6 +93,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     epoch_loss: torch.Tensor | None = None  # this rank's summed step losses in the epoch (on the device)
     epoch_correct: torch.Tensor | None = None  # ... and correct predictions on the augmented train batches
+    epoch_batches: int = 0  # ... and how many batches those sums hold (a resume on other ranks moves them)
 
     @property
     def classes(self) -> list[str]:
@@ -120,6 +121,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     rt = runtime.setup(cfg.device, cfg.deterministic)
     # Resolved before anything is compared or saved: a checkpoint records what actually ran.
     cfg = dataclasses.replace(cfg, amp=runtime.amp_default(cfg.amp, rt.device))
+    check_outside_data(cfg.out, cfg.data)
     lock = RunLock(cfg.out)  # rank 0 writes --out, so rank 0 holds it
     try:
         # Before anything looks at --out: a second train into it fails here, at once.
@@ -283,13 +285,18 @@ def restore_rank_state(run: Run, ckpt: dict) -> None:
     own = ckpt["ranks"][rt.rank] if len(ckpt["ranks"]) == rt.world_size else None
     if own is None:
         runtime.seed_everything(cfg.seed + rt.rank + 7919 * ckpt["step"])
-        if rt.is_main:
-            print(f"note: {len(ckpt['ranks'])} ranks wrote this checkpoint, {rt.world_size} resume it: "
+        if rt.is_main:  # the epoch's sums so far, all ranks' together, continue on rank 0
+            old = ckpt["ranks"]
+            run.epoch_loss.fill_(sum(r["epoch_loss_sum"] for r in old))
+            run.epoch_correct.fill_(sum(r.get("epoch_correct_sum", 0) for r in old))
+            run.epoch_batches = sum(r.get("epoch_batches", ckpt["batch"]) for r in old)
+            print(f"note: {len(old)} ranks wrote this checkpoint, {rt.world_size} resume it: "
                   f"the run continues, but not bit-for-bit as it would have")
         return
     runtime.set_rng_state(own["rng"])
     run.epoch_loss.fill_(own["epoch_loss_sum"])
     run.epoch_correct.fill_(own.get("epoch_correct_sum", 0))  # checkpoint version 1 did not keep it
+    run.epoch_batches = own.get("epoch_batches", ckpt["batch"])
 
 
 # ------------------------------------------------------------------ the epoch: steps, logs, mid-epoch saves
@@ -311,6 +318,7 @@ def train_one_epoch(run: Run, bar: ProgressBar) -> EpochStats:
         log.add(loss)
         run.epoch_loss += loss
         run.epoch_correct += (logits.detach().argmax(1) == labels).sum()  # on the device: no sync
+        run.epoch_batches += 1
         bar.advance()
         last = batch + 1 >= run.steps_per_epoch or run.at_max_steps()
         save_now = bool(cfg.save_every) and run.step % cfg.save_every == 0 and not last
@@ -385,16 +393,21 @@ def check_finite(run: Run, value: float, where: str) -> None:
 def end_epoch(run: Run, stats: EpochStats, bar: ProgressBar) -> None:
     """Train loss and accuracy over ranks, val metrics (rank 0), metrics.jsonl, curves and checkpoints."""
     cfg, rt = run.cfg, run.rt
-    seen = stats.done * cfg.batch_size * rt.world_size
-    train_loss = runtime.reduce_sum(rt, run.epoch_loss).item() / (stats.done * rt.world_size)
+    # Sums over every batch of the epoch on every rank, including those before a resume (on however
+    # many ranks they ran): one all-reduce.
+    counts = torch.tensor(float(run.epoch_batches), device=rt.device)
+    loss_sum, correct, batches = runtime.reduce_sum(rt, torch.stack([run.epoch_loss, run.epoch_correct,
+                                                                     counts])).tolist()
+    train_loss = loss_sum / batches
     check_finite(run, train_loss, f"epoch {run.epoch + 1}")
     # Accuracy on the augmented batches the model trained on (padding included under DDP):
     # next to val accuracy it shows over- or under-fitting at a glance.
-    train_acc = runtime.reduce_sum(rt, run.epoch_correct).item() / seen
+    train_acc = correct / (batches * cfg.batch_size)
     position = (run.epoch + 1, 0) if stats.done >= run.steps_per_epoch else (run.epoch, stats.done)
     if position[1] == 0:
         run.epoch_loss.zero_()  # before the checkpoint: it resumes at the next epoch's start
         run.epoch_correct.zero_()
+        run.epoch_batches = 0
     row = {"epoch": run.epoch + 1, "step": run.step, "steps_in_epoch": stats.done, "train_loss": train_loss,
            "train_accuracy": train_acc}
     metrics = runtime.on_all_ranks(rt, lambda: validate(run) if rt.is_main else None)  # a stop stops all
@@ -434,7 +447,8 @@ def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
 def save(run: Run, position: tuple[int, int], is_best: bool) -> None:
     """Write last.pt (and best.pt); every rank takes part (their RNG states and sums are gathered)."""
     ranks = runtime.gather_rank_states(run.rt, {"rng": runtime.rng_state(), "epoch_loss_sum": float(run.epoch_loss),
-                                                "epoch_correct_sum": float(run.epoch_correct)})
+                                                "epoch_correct_sum": float(run.epoch_correct),
+                                                "epoch_batches": run.epoch_batches})
     if not run.rt.is_main:
         return
     payload = {"model": run.model.state_dict(), "ema": run.ema.module.state_dict() if run.ema else None,

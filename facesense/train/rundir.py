@@ -20,6 +20,14 @@ LOCK = ".train.lock"
 RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl")  # any of them: --out holds a run
 
 
+def check_outside_data(out: Path | str, data: Path | str) -> None:
+    """Refuse an --out that is --data or lies inside it: train never writes to the packed data."""
+    out, data = Path(out).resolve(), Path(data).resolve()
+    if out == data or data in out.parents:
+        raise FaceSenseError(f"--out {out} is inside --data {data}: train never writes to the packed data; "
+                             f"choose an --out outside it")
+
+
 def existing_run(out: Path) -> list[str]:
     """The run files already in `out` (empty when it holds no run)."""
     return [name for name in RUN_FILES if (out / name).exists()]
