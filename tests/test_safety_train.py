@@ -365,3 +365,26 @@ def test_resume_on_fewer_ranks_carries_the_epochs_sums(data, tmp_path):
     # (4 x 1000 + 4 real losses below 10) / 8 batches; without the carried sums it would be a real loss.
     assert 500 < row["train_loss"] < 505
     assert row["train_accuracy"] <= 0.5  # 4 of the 8 batches count no correct prediction
+
+
+class _Arbitrary:  # a pickled object: loading it would run code, so weights_only refuses it
+    pass
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "an empty file (0 bytes)"),
+    (bytes(range(256)) * 20, "not a file written by torch.save"),
+    ("object", "could run as code: refused"),
+])
+def test_a_file_that_is_not_a_checkpoint_gets_one_line_and_no_unsafe_advice(data, tmp_path, content, says):
+    path = tmp_path / "bad.pt"
+    if content == "object":
+        torch.save({"x": _Arbitrary()}, path)
+    else:
+        path.write_bytes(content)
+    for args in (["eval", str(path), "--data", str(data), "--out", str(tmp_path / "e")],
+                 quick(data, tmp_path / "run", "--weights", str(path))):
+        result = invoke(args)
+        line = error_line(result)
+        assert says in line and str(path) in line, line
+        assert "weights_only" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -71,15 +71,37 @@ def shipping_snapshot(payload: dict, dtype: torch.dtype = torch.float16) -> dict
     return snapshot
 
 
+def torch_load(path: Path | str, what: str = "checkpoint"):
+    """torch.load(weights_only=True) of a file, or one FaceSenseError line saying what the file is not.
+
+    torch's own message for a refused file advises loading with weights_only=False, which would run
+    any code the file holds: never passed on.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise FaceSenseError(f"{path}: no such file") from exc
+    except Exception as exc:  # any way a file can fail to load; classified below
+        if path.is_file() and path.stat().st_size == 0:
+            why = "an empty file (0 bytes)"
+        elif not zipfile.is_zipfile(path):
+            why = "not a file written by torch.save (that is a zip archive)"
+        elif "weights_only" in str(exc) or "WeightsUnpickler" in str(exc):
+            why = "it holds objects beyond tensors and plain values, which loading could run as code: refused"
+        else:
+            why = f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        raise FaceSenseError(f"{path}: not a loadable {what}: {why}") from exc
+
+
 def load_checkpoint(path: Path | str) -> dict:
     """Read a checkpoint safely (no code can run) and check its format."""
     path = Path(path)
     if not path.is_file():
         raise FaceSenseError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # includes pickles that try to run code: weights_only refuses them
-        raise FaceSenseError(f"{path}: not a loadable FaceSense checkpoint ({str(exc).splitlines()[0]})") from exc
+    ckpt = torch_load(path, "FaceSense checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise FaceSenseError(f"{path}: not a FaceSense checkpoint (no format marker)")
     if ckpt.get("version") not in READS:

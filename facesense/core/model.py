@@ -129,12 +129,12 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a file: plain, wrapped ({'state_dict'|'model': ...}) or a FaceSense checkpoint."""
+    from facesense.core.checkpoint import torch_load
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise FaceSenseError(f"--weights {path}: no such file") from exc
-    except Exception as exc:  # includes pickles that would run code: weights_only refuses them
-        raise FaceSenseError(f"--weights {path}: not a loadable state dict ({exc})") from exc
+        obj = torch_load(path, "state dict")
+    except FaceSenseError as exc:
+        raise FaceSenseError(f"--weights {exc}") from exc
     if isinstance(obj, dict) and obj.get("format") == "facesense-checkpoint":
         obj = obj["ema"] or obj["model"]
     elif isinstance(obj, dict):
