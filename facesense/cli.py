@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from typer.core import TyperGroup
 
 from benchmarks.cli import app as bench_app
@@ -96,7 +95,12 @@ def verify(data: Path = typer.Argument(..., help="Shard directory written by fac
 
 
 def _train_options(func):
-    """Give `func` one option per TrainConfig field; each field's comment is its --help text."""
+    """Give `func` one option per TrainConfig field, with the field's help text.
+
+    typer reads a command's options from its signature, and inspect's documented `__signature__`
+    hook lets that signature be TrainConfig itself: no option can drift from the config (typer
+    has no public way to build options from a dataclass; its click is private).
+    """
     from facesense.core.config import TrainConfig, field_help, field_types
 
     helps, types = field_help(), field_types()

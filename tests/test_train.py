@@ -309,3 +309,14 @@ def test_compile_smoke(data, tmp_path):
     proc = run_cli(train_args(data, tmp_path / "run", "--compile", "--max-steps", "2"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert math.isfinite(rows(tmp_path / "run")[0]["train_loss"])
+
+
+@pytest.mark.parametrize("engine, label", [("compiled", "compiled_explicit"), ("reference", "reference")])
+def test_cpu_augment_chooses_the_train_engine_without_compile(data, tmp_path, monkeypatch, engine, label):
+    """--cpu-augment, not --compile, decides the CPU augmentation engine of the train loader."""
+    seen = []
+    wrap_train_batches(monkeypatch, lambda loader, images, labels: seen.append(loader.engine) or (images, labels))
+    result = invoke(train_args(data, tmp_path / "run", "--epochs", "1", "--max-steps", "2", "--no-compile",
+                               "--cpu-augment", engine))
+    assert result.exit_code == 0, result.output
+    assert seen == [label, label]

@@ -250,13 +250,14 @@ def uses_compile(cfg: TrainConfig, rt: runtime.Runtime) -> bool:
 
 def open_loaders(cfg: TrainConfig, rt: runtime.Runtime, manifest: dict, dtype: torch.dtype):
     """(train loader over this rank's part, val loader). Every rank opens val too (small), so a bad val
-    shard fails all ranks alike; rank 0 alone uses it."""
-    compile_cpu = cfg.cpu_augment == "compiled"
+    shard fails all ranks alike; rank 0 alone uses it. --cpu-augment picks the train loader's CPU engine;
+    val (no augmentation, a last batch of another size) stays on the reference: nothing to recompile."""
     return runtime.on_all_ranks(rt, lambda: (
         rundata.open_split(cfg.data, "train", cfg, rt.device, train=True, batch_size=cfg.batch_size, dtype=dtype,
-                           rank=rt.rank, world_size=rt.world_size, compile_cpu=compile_cpu, manifest=manifest),
+                           rank=rt.rank, world_size=rt.world_size, compile_cpu=cfg.cpu_augment == "compiled",
+                           manifest=manifest),
         rundata.open_split(cfg.data, "val", cfg, rt.device, train=False, batch_size=cfg.batch_size, dtype=dtype,
-                           compile_cpu=compile_cpu, manifest=manifest)))
+                           manifest=manifest)))
 
 
 def clean_out(out: Path, overwrite: bool) -> None:
