@@ -178,16 +178,16 @@ def predict_command(
 ):
     """Detect faces in photos, folders and videos and classify their expression: OUT/predictions.jsonl."""
     from facesense.infer.faces import DEFAULT_MARGIN
-    from facesense.infer.predict import Options, predict, summary_lines
+    from facesense.infer.predict import PredictOptions, predict, summary_lines
 
-    opts = Options(detector=detector, min_face=min_face, margin=DEFAULT_MARGIN if margin is None else margin,
-                   save_annotated=save_annotated, vid_stride=vid_stride, batch_size=batch_size, device=device)
+    opts = PredictOptions(detector=detector, min_face=min_face, margin=DEFAULT_MARGIN if margin is None else margin,
+                          save_annotated=save_annotated, vid_stride=vid_stride, batch_size=batch_size, device=device)
     _on_interrupt(ctx, "interrupted; predictions.jsonl was not written")
-    report = predict(sources, model, out, opts)
-    for line in summary_lines(report, out):
+    summary = predict(sources, model, out, opts)
+    for line in summary_lines(summary, out):
         typer.echo(line)
-    if report.failed:
-        raise FaceSenseError(f"{len(report.failed)} of {report.sources} sources failed (errors above); the others "
+    if summary.failed:
+        raise FaceSenseError(f"{len(summary.failed)} of {summary.sources} sources failed (errors above); the others "
                              f"are in {out / 'predictions.jsonl'}")
 
 
