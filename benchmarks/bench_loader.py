@@ -58,6 +58,7 @@ def run(data: Path, kinds: list[str], sizes: list[int], batches: int, batch_size
         dtype: str, channels: int, warmup: int, repeats: int, workers: int, device: str,
         json_path: Path, cpu_engines: list[str] = ("compiled",)) -> dict:
     dev = resolve_device(device)
+    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # None: inductor's default; read before it sets one
     out_dtype = torch_dtype(dtype)
     unknown = [e for e in cpu_engines if e not in CPU_ENGINES]
     if unknown or not cpu_engines:
@@ -108,7 +109,7 @@ def run(data: Path, kinds: list[str], sizes: list[int], batches: int, batch_size
                "config": {"data": str(data), "split": split, "batches": batches, "batch_size": batch_size,
                           "warmup": warmup, "repeats": repeats, "workers": workers, "device": str(dev),
                           "cpu_engines": list(cpu_engines), "torch_threads": torch.get_num_threads(),
-                          "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}}
+                          "inductor_cache_dir": cache_dir}}
     write_result(json_path, payload)
     if engine_ratios:
         print(f"cpu engines: {engine_ratios}")

@@ -51,3 +51,37 @@ def test_bench_train_rejects_unknown_variant(tmp_path):
     result = CliRunner().invoke(app, ["bench", "train", "--data", str(shards), "--variants", "fast-fp32-cl",
                                       "--json", str(tmp_path / "x.json")])
     assert result.exit_code == 1 and "variant 'fast-fp32-cl'" in result.output
+
+
+def test_bench_loader_times_both_cpu_engines_in_turns(tmp_path):
+    shards = make_shards(tmp_path / "shards")
+    out = tmp_path / "engines.json"
+    run_bench("loader", "--data", str(shards), "--kinds", "resident", "--sizes", "48", "--batches", "2",
+              "--batch-size", "8", "--warmup", "1", "--repeats", "2", "--device", "cpu",
+              "--cpu-engines", "compiled,reference", "--json", str(out))
+    payload = json.loads(out.read_text())
+    rows = {r["cpu_engine"]: r for r in payload["results"]}
+    assert set(rows) == {"compiled", "reference"}
+    assert (rows["compiled"]["engine"], rows["reference"]["engine"]) == ("compiled_explicit", "reference")
+    assert all(len(r["all_images_per_s"]) == 2 and r["first_batch_s"] >= r["one_time_s"] >= 0 for r in rows.values())
+    assert set(payload["cpu_engine_ratios"]["resident"]["48"]) == {"compiled/reference"}
+    assert payload["config"]["cpu_engines"] == ["compiled", "reference"]
+
+
+def test_bench_options_are_checked_before_anything_runs(tmp_path):
+    shards = make_shards(tmp_path / "shards")
+    for args, message in ((["loader", "--cpu-engines", "fast"], "cpu engine(s) ['fast']"),
+                          (["loader", "--dtype", "float64"], "dtype 'float64'"),
+                          (["train", "--sizes", "48,big"], "expected whole numbers")):
+        result = CliRunner().invoke(app, ["bench", *args, "--data", str(shards), "--json", str(tmp_path / "x.json")])
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_train_default_variants_follow_the_device():
+    import torch
+
+    from benchmarks.bench_train import default_variants
+
+    assert default_variants(torch.device("cpu"))[0] == "eager-fp32-cl"  # what facesense train runs on a CPU
+    assert default_variants(torch.device("cuda"))[0] == "compiled-amp-cl"
