@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from benchmarks.cli import app as bench_app
 from facesense.core.errors import FaceSenseError
@@ -119,7 +119,22 @@ def _train_options(func):
     return func
 
 
-@app.command("train")
+class _TrainCommand(TyperCommand):
+    """`--resume` alone means `--resume yes` (typer has no options with an optional value)."""
+
+    def parse_args(self, ctx, args):
+        from facesense.core.config import FLAG_VALUES
+
+        given = list(args)
+        for name, implied in FLAG_VALUES.items():
+            flag = "--" + name.replace("_", "-")
+            for i in reversed([i for i, arg in enumerate(given) if arg == flag]):
+                if i + 1 == len(given) or given[i + 1].startswith("-"):
+                    given.insert(i + 1, implied)
+        return super().parse_args(ctx, given)
+
+
+@app.command("train", cls=_TrainCommand)
 @_train_options
 def train_command(ctx: typer.Context, config: Optional[Path], **options):
     """Train on packed shards: selects on val (PublicTest), never reads test; checkpoints into --out."""
@@ -175,13 +190,16 @@ def predict_command(
     vid_stride: int = typer.Option(1, "--vid-stride", help="Classify every Nth video frame."),
     batch_size: int = typer.Option(64, "--batch-size", help="Faces per model call."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda or cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run's predictions.jsonl in OUT "
+                                   "and delete its annotated pictures and videos (nothing else)."),
 ):
     """Detect faces in photos, folders and videos and classify their expression: OUT/predictions.jsonl."""
     from facesense.infer.faces import DEFAULT_MARGIN
     from facesense.infer.predict import PredictOptions, predict, summary_lines
 
     opts = PredictOptions(detector=detector, min_face=min_face, margin=DEFAULT_MARGIN if margin is None else margin,
-                          save_annotated=save_annotated, vid_stride=vid_stride, batch_size=batch_size, device=device)
+                          save_annotated=save_annotated, vid_stride=vid_stride, batch_size=batch_size, device=device,
+                          overwrite=overwrite)
     _on_interrupt(ctx, "interrupted; predictions.jsonl was not written")
     summary = predict(sources, model, out, opts)
     for line in summary_lines(summary, out):
@@ -196,11 +214,13 @@ def export_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by facesense train (best.pt or last.pt)."),
     format: str = typer.Option(..., "--format", help="onnx or torchscript."),
     out: Path = typer.Option(..., "--out", help="File to write (e.g. model.onnx, model.ts)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow an --out that is the checkpoint itself or "
+                                   "another FaceSense checkpoint (refused otherwise: it would be lost)."),
 ):
     """Export the checkpoint's eval model (EMA weights if kept) with a dynamic batch size and its metadata."""
     from facesense.infer.export import export
 
-    meta = export(checkpoint, format, out)
+    meta = export(checkpoint, format, out, overwrite=overwrite)
     typer.echo(f"wrote {out}: {format}, {meta['model']} ({meta['weights']} weights), input (N, {meta['channels']}, "
                f"{meta['img_size']}, {meta['img_size']}) normalised with mean {meta['norm_mean']} std "
                f"{meta['norm_std']}, classes {', '.join(meta['classes'])}")

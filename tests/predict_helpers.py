@@ -71,12 +71,13 @@ def write_astronaut(path: Path) -> Path:
     return path
 
 
-def write_video(path: Path, frames: int = 9, fps: float = 10.0) -> Path:
-    """An MP4 of the astronaut drifting right by 4 px a frame (a real face in every frame)."""
+def write_video(path: Path, frames: int = 9, fps: float = 10.0, fourcc: str = "mp4v") -> Path:
+    """A video (MP4 by default; the container follows path's suffix) of the astronaut drifting right
+    by 4 px a frame (a real face in every frame)."""
     import cv2
 
     image = astronaut_bgr()
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (512, 512))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (512, 512))
     assert writer.isOpened()
     for i in range(frames):
         writer.write(np.roll(image, 4 * i, axis=1))

@@ -348,23 +348,25 @@ def test_out_inside_data_is_refused(data, tmp_path, where):
 
 
 def test_resume_on_fewer_ranks_carries_the_epochs_sums(data, tmp_path):
-    """A mid-epoch checkpoint of 2 ranks resumed on 1: the epoch's train loss and accuracy count every
-    batch of the epoch, the 2 ranks' (carried in their sums) and the resumed run's."""
+    """A mid-epoch checkpoint of 2 ranks resumed on 1: the position maps by samples seen (2 batches on
+    each of 2 ranks = 4 batches here), and the epoch's train loss and accuracy count every batch of the
+    epoch, the 2 ranks' (carried in their sums) and the resumed run's."""
     out = tmp_path / "run"
     assert invoke(quick(data, out, "--save-every", "2")).exit_code == 0  # stops at step 2 of 6: mid-epoch
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert (ckpt["epoch"], ckpt["batch"]) == (0, 2)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (0, 2, 2)
     rank = ckpt["ranks"][0]
     # As if two ranks had each trained 2 batches with a mean loss of 1000 and no correct prediction.
     ckpt["ranks"] = [{**rank, "epoch_loss_sum": 2000.0, "epoch_correct_sum": 0.0, "epoch_batches": 2}] * 2
     save_checkpoint(out / "last.pt", ckpt)
     result = invoke(train_args(data, out, "--epochs", "1", "--resume"))
     assert result.exit_code == 0, result.output
+    assert "2 ranks wrote this checkpoint, 1 resume it: step 2 there is step 4 here" in result.output
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["epoch"] == 1 and row["steps_in_epoch"] == 6
-    # (4 x 1000 + 4 real losses below 10) / 8 batches; without the carried sums it would be a real loss.
-    assert 500 < row["train_loss"] < 505
-    assert row["train_accuracy"] <= 0.5  # 4 of the 8 batches count no correct prediction
+    assert (row["epoch"], row["step"], row["steps_in_epoch"]) == (1, 6, 6)
+    # (4 x 1000 + 2 real losses below 10) / 6 batches; without the carried sums it would be a real loss.
+    assert 4000 / 6 < row["train_loss"] < 4020 / 6
+    assert row["train_accuracy"] <= 2 / 6  # 4 of the 6 batches count no correct prediction
 
 
 class _Arbitrary:  # a pickled object: loading it would run code, so weights_only refuses it

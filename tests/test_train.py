@@ -45,6 +45,15 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def scalars(out, run: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar in out/tensorboard/<run>, as TensorBoard's reader sees them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard" / run))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 def test_train_writes_checkpoints_metrics_and_curves(data, tmp_path):
     out = tmp_path / "run"
     # No brightness/contrast jitter: the toy classes differ by grey level only, learnt in 36 steps.
@@ -58,6 +67,8 @@ def test_train_writes_checkpoints_metrics_and_curves(data, tmp_path):
 
     history = rows(out)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert scalars(out, "epochs", "epoch/val_accuracy") == [(r["epoch"], pytest.approx(r["val_accuracy"]))
+                                                             for r in history]
     for row in history:
         assert {"train_loss", "val_accuracy", "val_auc_macro_ovr", "val_f1_weighted", "lr", "images_per_s",
                 "data_wait_share"} <= set(row)
@@ -125,6 +136,10 @@ def test_resume_after_sigkill_matches_uninterrupted(data, uninterrupted, tmp_pat
     want, got = rows(uninterrupted), rows(out)
     assert [{k: r[k] for k in DETERMINISTIC_KEYS} for r in got] == \
            [{k: r[k] for k in DETERMINISTIC_KEYS} for r in want]
+    # TensorBoard continues the same curves: each epoch and logged step once, as metrics.jsonl says.
+    assert scalars(out, "epochs", "epoch/train_loss") == [(r["epoch"], pytest.approx(r["train_loss"])) for r in got]
+    steps = [step for step, _ in scalars(out, "steps", "train/loss_interval")]
+    assert steps == sorted(set(steps)) == [s for s, _ in scalars(uninterrupted, "steps", "train/loss_interval")]
     a, b = load(uninterrupted / "last.pt"), load(out / "last.pt")
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()

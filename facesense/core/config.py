@@ -29,11 +29,16 @@ CHOICES = {
     "class_weights": ("balanced", "none"),
     "amp_dtype": ("bfloat16", "float16"),
     "cpu_augment": ("compiled", "reference"),
+    "resume": ("no", "yes", "auto"),
 }
+
+# Options given on the command line as a flag that may take a value: `--resume` alone means `--resume yes`.
+FLAG_VALUES = {"resume": "yes"}
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUME_MAY_DIFFER = frozenset({"data", "out", "loader", "workers", "device", "compile", "cpu_augment",
-                               "deterministic", "log_every", "save_every", "max_steps", "resume", "overwrite"})
+                               "deterministic", "log_every", "save_every", "max_steps", "resume", "overwrite",
+                               "tensorboard"})
 
 
 def opt(default, help: str):
@@ -101,10 +106,16 @@ class TrainConfig:
     max_steps: int = opt(0, "stop after this many optimizer steps in all (smoke runs, benchmarks); 0 = no limit")
     log_every: int = opt(50, "steps between progress updates (the only host syncs in an epoch)")
     save_every: int = opt(0, "also write last.pt every this many steps (mid-epoch resume); 0 = epoch ends only")
-    resume: bool = opt(False, "continue the run in --out from its last.pt (same config required)")
+    resume: str = opt("no", "--resume: continue the run in --out from its last.pt (same config and data "
+                            "required); --resume auto: continue it when last.pt exists, else start a new run "
+                            "(implied under a torchrun restart); no: start a new run")
+    tensorboard: bool = opt(True, "rank 0 writes TensorBoard curves into --out/tensorboard/ (metrics.jsonl stays the "
+                                  "record)")
     overwrite: bool = opt(False, "start afresh even if --out already holds a run")
 
     def __post_init__(self):
+        if isinstance(self.resume, bool):  # configs and checkpoints from before `--resume auto`
+            self.resume = "yes" if self.resume else "no"
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise FaceSenseError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of "
@@ -126,7 +137,7 @@ class TrainConfig:
                                  "below 1, --min-lr-ratio at most 1")
         if self.pretrained and self.weights:
             raise FaceSenseError("--pretrained and --weights both choose starting weights; pass one")
-        if self.resume and self.overwrite:
+        if self.resume != "no" and self.overwrite:
             raise FaceSenseError("--resume continues the run in --out, --overwrite replaces it; pass one")
         self.aug()  # AugConfig checks its own ranges
 
@@ -167,6 +178,8 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def _coerce(name: str, value, where: str):
     """Check one value against the field's type; ints are accepted for floats."""
     want = field_types()[name]
+    if name in FLAG_VALUES and isinstance(value, bool):  # `resume = true` in a config file
+        return FLAG_VALUES[name] if value else "no"
     nullable = next(f for f in fields(TrainConfig) if f.name == name).default is None
     if value is None and nullable:
         return None

@@ -154,6 +154,15 @@ def on_all_ranks(rt: Runtime, fn):
     return result
 
 
+def broadcast(rt: Runtime, value):
+    """Rank 0's `value` (any picklable object), on every rank."""
+    if not rt.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def reduce_sum(rt: Runtime, value: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (a copy; the input is left alone)."""
     value = value.detach().clone()

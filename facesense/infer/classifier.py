@@ -83,7 +83,7 @@ def _providers(device: str, ort) -> list[str]:
             providers.insert(0, "CUDAExecutionProvider")
         elif device != "auto":
             raise FaceSenseError(f"--device {device}: this onnxruntime has no CUDA provider "
-                                 f"(install onnxruntime-gpu) ; use --device cpu")
+                                 f"(install onnxruntime-gpu); use --device cpu")
     elif device not in ("auto", "cpu"):
         raise FaceSenseError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     return providers

@@ -14,6 +14,7 @@ when `predict` loads an .onnx (classifier.py), so the two cannot disagree on its
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -51,28 +52,72 @@ def read_metadata(raw: str | None, path: Path) -> dict:
     return meta
 
 
-def export(checkpoint: Path, fmt: str, out: Path) -> dict:
-    """Write the export to `out` atomically (whole or not at all); returns its metadata."""
+def export(checkpoint: Path, fmt: str, out: Path, overwrite: bool = False) -> dict:
+    """Write the export to `out` atomically (whole or not at all); returns its metadata.
+
+    `out` is checked before the (slow) export: a directory, an unwritable place, or, unless
+    `overwrite`, the checkpoint itself or any other FaceSense checkpoint is refused in one line.
+    """
     from facesense.core.checkpoint import load_eval_model
-    from facesense.core.files import atomic_path
+    from facesense.core.files import write_bytes
     from pipeline.shards import sha256_file
 
     if fmt not in FORMATS:
         raise FaceSenseError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    checkpoint, out = Path(checkpoint), Path(out)
     net = load_eval_model(checkpoint)
+    check_out(checkpoint, out, overwrite)
     # Stored in the standard layout: channels-last is a runtime choice of PyTorch's, not the file's.
     model = net.model.to(memory_format=torch.contiguous_format)
-    meta = metadata(net.ckpt, net.cfg, net.weights, sha256_file(Path(checkpoint)))
+    meta = metadata(net.ckpt, net.cfg, net.weights, sha256_file(checkpoint))
     example = torch.zeros(2, net.cfg.channels, net.cfg.img_size, net.cfg.img_size)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation/progress chatter is not for the user
-        WRITERS[fmt](model, example, tmp, meta)
+        data = WRITERS[fmt](model, example, meta)
+    write_bytes(out, data)  # serialised in memory: any write error is the one line atomic_path gives
     return meta
 
 
-def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+def check_out(checkpoint: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that would lose something or cannot be written, before any work; make its folder."""
+    from facesense.core.files import tmp_path_for, write_error
+
+    if out.is_dir():
+        raise FaceSenseError(f"--out {out}: is a directory; give the file to write, e.g. {out / 'model.onnx'}")
+    if out.exists() and not overwrite:
+        if out.samefile(checkpoint):
+            raise FaceSenseError(f"--out {out}: is the checkpoint being exported; writing there would replace it "
+                                 f"(and end --resume from it): choose another --out, or --overwrite")
+        if _is_checkpoint(out):
+            raise FaceSenseError(f"--out {out}: holds a FaceSense checkpoint, which the export would replace: "
+                                 f"choose another --out, or --overwrite")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tmp_path_for(out)  # what atomic_path writes: a folder that takes it takes the export
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise write_error(out, exc) from exc
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether `path` loads as a FaceSense checkpoint (anything else, an earlier export say, may be replaced)."""
+    import zipfile
+
+    from facesense.core.checkpoint import load_checkpoint
+
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip: a cheap no for everything else
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.load's note on a TorchScript zip
+            load_checkpoint(path)
+    except FaceSenseError:
+        return False
+    return True
+
+
+def _onnx(model: torch.nn.Module, example: torch.Tensor, meta: dict) -> bytes:
     import contextlib
     import io
 
@@ -88,12 +133,16 @@ def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict)
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    return proto.SerializeToString()
 
 
-def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+def _torchscript(model: torch.nn.Module, example: torch.Tensor, meta: dict) -> bytes:
+    import io
+
     traced = torch.jit.trace(model, example)
-    torch.jit.save(traced, str(path), _extra_files={META_KEY + ".json": json.dumps(meta)})
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={META_KEY + ".json": json.dumps(meta)})
+    return buffer.getvalue()
 
 
-WRITERS = {"onnx": _onnx, "torchscript": _torchscript}  # one per FORMATS entry
+WRITERS = {"onnx": _onnx, "torchscript": _torchscript}  # one per FORMATS entry: model -> the file's bytes

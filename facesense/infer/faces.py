@@ -13,10 +13,16 @@ of the same spec (the fused CPU path, the Triton kernel on CUDA), and those are 
 against this reference, so a face here is prepared as eval prepares it without a second copy.
 
 Detection: OpenCV's frontal-face Haar cascade, whose weights ship inside the
-opencv-python-headless wheel (nothing is downloaded). The picture is shrunk so that the
-smallest face asked for (`min_face`) becomes the cascade's 24-px window before detecting:
-the same faces are found at about half the cost of detecting at full size with
-`minSize=min_face` (measured on a 640x480 frame: 32 ms vs 69 ms).
+opencv-python-headless wheel (nothing is downloaded). The picture is shrunk before detecting,
+so that the smallest face asked for (`min_face`) becomes the cascade's 24-px window, and so
+that its long side is at most MAX_DETECT_SIDE (a 24 MP photo is searched for faces of at
+least 1/53 of its long side, not for 48-px ones: the tiny windows found only false faces
+there, and took seconds). Boxes lying mostly inside a larger box (an eye or a mouth found
+as a face inside the face) are dropped. No histogram equalisation: the cascade normalises
+each window's contrast itself, and equalising a picture lost faces. Measured by
+`benchmarks/bench_detect.py` (benchmarks/results/detect-cpu.json): on 200 FER2013 val faces
+upscaled to 192 px on a grey 640x480 canvas the cascade run on the picture as is finds 152,
+shrunk first 155, equalised 112, shrunk and equalised (the detector before) 119.
 """
 from __future__ import annotations
 
@@ -42,6 +48,11 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 DEFAULT_MARGIN = 0.0
 CASCADE_WINDOW = 24  # the frontal-face cascade's own window side in pixels
 DETECTORS = ("haar", "none")
+# Long side, in pixels, of the picture the cascade runs on (MAX_DETECT_SIDE) and the share of a box's
+# area inside a larger box that makes it part of that face (NESTED_FRACTION): measured in
+# benchmarks/bench_detect.py, see the module docstring.
+MAX_DETECT_SIDE = 1280
+NESTED_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,18 +93,22 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: str) -> np.ndarray:
-    """Decode an image file as stored (gray stays gray); FaceSenseError naming it if it cannot be read."""
+    """Decode an image file upright, as a viewer shows it (its EXIF orientation applied, whatever its
+    mode), keeping gray gray and 16 bits 16 bits; FaceSenseError naming it if it cannot be read.
+
+    IMREAD_ANYCOLOR | IMREAD_ANYDEPTH is the one OpenCV mode that applies the orientation without
+    forcing 3 channels 8 bits (IMREAD_UNCHANGED ignores it); only an alpha channel is dropped, which
+    the gray crops never used.
+    """
     import cv2
 
     try:
         data = np.fromfile(path, np.uint8)  # imdecode, not imread: non-ASCII paths work too
     except OSError as exc:
         raise FaceSenseError(f"{path}: cannot read ({exc.strerror})") from exc
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None:
         raise FaceSenseError(f"{path}: not a readable image (corrupt, empty or another kind of file)")
-    if image.ndim == 3 and image.shape[2] == 3:  # apply EXIF rotation like a viewer does
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     return image
 
 
@@ -130,7 +145,8 @@ def square_crop(gray: np.ndarray, box: tuple[int, int, int, int], margin: float)
 class HaarDetector:
     """OpenCV's frontal-face Haar cascade (shipped in the wheel), boxes in source pixels."""
 
-    def __init__(self, min_face: int = 48, scale_factor: float = 1.1, min_neighbors: int = 5):
+    def __init__(self, min_face: int = 48, scale_factor: float = 1.1, min_neighbors: int = 5,
+                 max_side: int = MAX_DETECT_SIDE):
         import cv2
 
         if min_face < CASCADE_WINDOW:
@@ -141,22 +157,48 @@ class HaarDetector:
         if self.cascade.empty():
             raise FaceSenseError(f"cannot load OpenCV's face cascade {path}; reinstall opencv-python-headless<5")
         self.min_face, self.scale_factor, self.min_neighbors = min_face, scale_factor, min_neighbors
+        self.max_side = max_side
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size the picture is detected at: min_face -> the cascade's window, long side <= max_side."""
+        f = min(1.0, CASCADE_WINDOW / self.min_face, self.max_side / max(width, height))
+        return max(1, round(width * f)), max(1, round(height * f))
 
     def __call__(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """Face boxes [x1, y1, x2, y2] in `gray`'s pixels, largest first."""
+        """Face boxes [x1, y1, x2, y2] in `gray`'s pixels, largest first; none in a picture too small to
+        hold a face of min_face pixels (the cascade cannot even be run on it)."""
         import cv2
 
-        f = CASCADE_WINDOW / self.min_face
-        small = cv2.resize(gray, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else gray
-        small = cv2.equalizeHist(small)  # the cascade is sensitive to exposure
+        h, w = gray.shape
+        sw, sh = self.working_size(w, h)
+        if min(sw, sh) < CASCADE_WINDOW:
+            return []
+        small = cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_AREA) if (sw, sh) != (w, h) else gray
         found = self.cascade.detectMultiScale(small, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
                                               minSize=(CASCADE_WINDOW, CASCADE_WINDOW))
-        scale = 1 / f if f < 1 else 1.0
-        h, w = gray.shape
-        boxes = [(max(0, int(round(x * scale))), max(0, int(round(y * scale))),
-                  min(w, int(round((x + bw) * scale))), min(h, int(round((y + bh) * scale))))
+        fx, fy = w / sw, h / sh
+        boxes = [(max(0, int(round(x * fx))), max(0, int(round(y * fy))),
+                  min(w, int(round((x + bw) * fx))), min(h, int(round((y + bh) * fy))))
                  for x, y, bw, bh in (found if len(found) else [])]
-        return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+        return drop_nested(sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1])))
+
+
+def drop_nested(boxes: list[tuple[int, int, int, int]], inside: float = NESTED_FRACTION) -> list:
+    """Boxes (largest first) without those lying mostly (`inside` of their area) within a larger kept box.
+
+    The cascade's own grouping merges boxes of similar size only; a feature of a big face (an eye,
+    the mouth) found as a small face stays inside it.
+    """
+    kept = []
+    for b in boxes:
+        area = (b[2] - b[0]) * (b[3] - b[1])
+        if not any(_overlap(b, k) >= inside * area for k in kept):
+            kept.append(b)
+    return kept
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def find_faces(gray: np.ndarray, detector: HaarDetector | None,

@@ -6,8 +6,9 @@ frame; both as (frame index, time_s, picture)) -> face boxes and 48x48 crops
 (`faces.py`) -> batches of --batch-size crops -> the model -> `predictions.jsonl`, in
 source order. Each source also gets one sink, chosen once: nothing, an annotated-image
 writer or an annotated-MP4 writer (--save-annotated). Only crops wait for a batch, plus
-the frames being annotated (at most MAX_HELD_FRAMES of them), so memory stays small on
-long videos.
+the frames being annotated (at most MAX_HELD_BYTES of them: counted in bytes, not frames,
+since one 24 MP photo weighs as much as 80 VGA frames), so memory stays small on long
+videos and big photos alike.
 
 One line per face: source (the path as given; a folder's files as folder/relative path),
 frame (video frame index; null for images), time_s (video lines only), box [x1, y1, x2,
@@ -15,14 +16,24 @@ y2] in source pixels, label and probs (class -> probability, all classes). A pic
 sampled frame without a face gets one line whose box, label and probs are null.
 
 A source that cannot be read (or whose annotated copy cannot be written) gets a one-line
-error naming it and the others go on; the caller exits non-zero when any failed.
-predictions.jsonl and every annotated file are written through `core.files.atomic_path`,
-so an interrupted run (Ctrl-C, SIGTERM) leaves no half file.
+error naming it and the others go on; the caller exits non-zero when any failed. A video
+that ends before the frame count its container states gets a warning (a truncated file).
+
+--out is protected as train and eval protect theirs (`prepare_out`): a DIR holding an
+earlier run's predictions.jsonl or annotated files is refused unless --overwrite, which
+deletes only those; predict never reads its own DIR/annotated/ (skipped when a source
+folder holds it). predictions.jsonl and every annotated file are written through
+`core.files.atomic_path`, so an interrupted run (Ctrl-C, SIGTERM) leaves no half file, and
+the temporaries of a run killed outright (SIGKILL, power loss: pid gone) are removed by
+the next run into the same DIR, as pack removes its stale partials.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import stat
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -39,9 +50,16 @@ from pipeline.progress import Bar
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
-MAX_HELD_FRAMES = 32  # annotated frames waiting for their batch's predictions
+# Bytes of annotated frames waiting for their batch's predictions: a few VGA frames' worth of batching
+# for videos, while a 24 MP photo (72 MB as BGR) is drawn and written as soon as it is classified.
+MAX_HELD_BYTES = 64 * 2**20
 PREDICTIONS = "predictions.jsonl"
 ANNOTATED = "annotated"  # subfolder of --out for --save-annotated copies
+ANNOTATED_EXTS = IMAGE_EXTS + (".mp4",)  # what predict writes under annotated/ (and --overwrite deletes)
+# atomic_path's temporaries (.NAME.tmp-PID, .STEM.tmp-PID.SUFFIX) and FaceSense <= 79297b0's
+# .predictions.jsonl.partial-PID: the pid tells a live run's from a killed one's.
+TEMPORARY = re.compile(r"^\..+\.(?:tmp|partial)-(\d+)(?:\.[A-Za-z0-9]+)?$")
+VIDEO_SHORT_TOLERANCE = 1  # frames a container's stated count may exceed what decodes (MKV estimates it)
 VIDEO_FPS_UNKNOWN = 25.0  # annotated MP4 rate when the container states none
 
 Sink = Callable[[np.ndarray], None]  # takes a source's annotated BGR frames, in order
@@ -63,6 +81,7 @@ class PredictOptions:
     vid_stride: int = 1  # classify every Nth video frame
     batch_size: int = 64  # crops per model call
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    overwrite: bool = False  # replace an earlier run's predictions.jsonl and annotated files in --out
 
     def check(self) -> None:
         """One-line FaceSenseError for an option out of range (--min-face is the detector's to check)."""
@@ -82,6 +101,7 @@ class PredictSummary:
 
     sources: int = 0
     failed: list[str] = field(default_factory=list)  # one error message per failed source
+    warnings: list[str] = field(default_factory=list)  # what was read but may be incomplete or skipped
     frames: int = 0  # pictures + sampled video frames classified
     faces: int = 0
     no_face: int = 0  # pictures / sampled frames without a face
@@ -104,54 +124,105 @@ class PredictSummary:
             self.videos[rec["source"]][rec["label"]] += 1
 
 
-def expand_sources(srcs: list[str]) -> tuple[list[Source], list[str], int]:
-    """Sources in order, one error per SRC that is missing/unsupported/empty, files ignored in folders."""
-    sources, errors, ignored = [], [], 0
+@dataclass
+class Expanded:
+    """What the SRC arguments name: sources in order, one error per unusable SRC, and what was left out."""
+
+    sources: list[Source] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    ignored: int = 0  # files in folders that are neither images nor videos (FIFOs and sockets included)
+    warnings: list[str] = field(default_factory=list)
+
+
+def expand_sources(srcs: list[str], out: Path | None = None) -> Expanded:
+    """Sources in order; `out`'s annotated/ (predict's own output) is never among them."""
+    found = Expanded()
+    own = _real(out / ANNOTATED) if out is not None else None
     supported = IMAGE_EXTS + VIDEO_EXTS
     for src in srcs:
         p = Path(src)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            members = [f for f in files if f.suffix.lower() in supported]
-            ignored += len(files) - len(members)
-            if not members:
-                errors.append(f"{src}: no images ({', '.join(IMAGE_EXTS)}) or videos ({', '.join(VIDEO_EXTS)}) in it")
-            for f in members:
-                rel = f.relative_to(p).as_posix()
-                sources.append(Source(os.path.join(src, rel), _kind(f), f"{p.resolve().name}/{rel}"))
+        if own is not None and _real(p).is_relative_to(own):
+            found.errors.append(f"{src}: inside {out / ANNOTATED}, this run's own output; not read")
+        elif p.is_dir():
+            _expand_folder(src, p, own, found)
         elif p.is_file():
             if p.suffix.lower() not in supported:
-                errors.append(f"{src}: not an image ({', '.join(IMAGE_EXTS)}) or video ({', '.join(VIDEO_EXTS)})")
+                found.errors.append(f"{src}: not an image ({', '.join(IMAGE_EXTS)}) or video "
+                                    f"({', '.join(VIDEO_EXTS)})")
             else:
-                sources.append(Source(src, _kind(p), p.name))
+                found.sources.append(Source(src, _kind(p), p.name))
         else:
-            errors.append(f"{src}: no such file or folder")
-    return sources, errors, ignored
+            found.errors.append(f"{src}: {_not_a_file(p)}")
+    return found
+
+
+def _expand_folder(src: str, p: Path, own: Path | None, found: Expanded) -> None:
+    """A folder's pictures and videos, recursively in sorted order; `own` (--out/annotated) skipped."""
+    supported = IMAGE_EXTS + VIDEO_EXTS
+    entries = sorted(f for f in p.rglob("*") if not f.is_dir())
+    skipped = [f for f in entries if own is not None and _real(f).is_relative_to(own)]
+    if skipped:  # e.g. `predict SRC --out SRC --save-annotated` run twice: never classify our own copies
+        found.warnings.append(f"{src}: skipped {own} ({len(skipped)} files), predict's own output; "
+                              f"it is never read")
+        entries = sorted(set(entries) - set(skipped))
+    files = [f for f in entries if f.is_file()]  # FIFOs, sockets, broken links: never opened
+    members = [f for f in files if f.suffix.lower() in supported]
+    found.ignored += len(entries) - len(members)
+    if not members:
+        found.errors.append(f"{src}: no images ({', '.join(IMAGE_EXTS)}) or videos ({', '.join(VIDEO_EXTS)}) in it")
+    for f in members:
+        rel = f.relative_to(p).as_posix()
+        found.sources.append(Source(os.path.join(src, rel), _kind(f), f"{p.resolve().name}/{rel}"))
+
+
+def _real(p: Path) -> Path:
+    """The path with symlinks resolved; unlike Path.resolve never raises, not even on a symlink loop."""
+    return Path(os.path.realpath(p))
+
+
+def _not_a_file(p: Path) -> str:
+    """Why an SRC that is neither a regular file nor a folder is not read: say what it is."""
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        if p.is_symlink():
+            return "a symbolic link loop" if exc.errno == errno.ELOOP else "a broken symbolic link"
+        return "no such file or folder" if isinstance(exc, FileNotFoundError) else f"cannot read ({exc.strerror})"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{kind}, not an image, video or folder; not read"
 
 
 def _kind(path: Path) -> str:
     return "video" if path.suffix.lower() in VIDEO_EXTS else "image"
 
 
-def load_frames(src: Source, stride: int) -> Iterator[tuple[int | None, float | None, np.ndarray]]:
+def load_frames(src: Source, stride: int, warn: Callable[[str], None] = lambda message: None
+                ) -> Iterator[tuple[int | None, float | None, np.ndarray]]:
     """(frame index, time in s, decoded picture) for each frame to classify; an image is one frame (None, None, it).
 
-    FaceSenseError naming the source when it cannot be read.
+    FaceSenseError naming the source when it cannot be read; `warn` hears of a video cut short.
     """
     if src.kind == "image":
         yield None, None, read_image(src.path)
     else:
-        yield from video_frames(src.path, stride)
+        yield from video_frames(src.path, stride, warn)
 
 
-def video_frames(path: str, stride: int):
-    """(frame index, time in s, BGR frame) for every stride'th frame; FaceSenseError if none decodes."""
+def video_frames(path: str, stride: int, warn: Callable[[str], None] = lambda message: None):
+    """(frame index, time in s, BGR frame) for every stride'th frame; FaceSenseError if none decodes.
+
+    A video that ends before the frame count its container states (a truncated AVI or MKV still
+    opens and decodes up to the cut) is reported to `warn`: its lines cover only the frames before it.
+    """
     import cv2
 
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise FaceSenseError(f"{path}: cannot open as a video (broken file or unsupported codec)")
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+    stated = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
     index = 0
     try:
         while True:
@@ -167,6 +238,9 @@ def video_frames(path: str, stride: int):
         cap.release()
     if index == 0:
         raise FaceSenseError(f"{path}: no frame could be decoded (broken or empty video)")
+    if index + VIDEO_SHORT_TOLERANCE < stated:
+        warn(f"{path}: ends after {index} of the {stated} frames its container states (truncated or damaged "
+             f"file?); only those {index} were read")
 
 
 def video_info(path: str) -> tuple[float, int]:
@@ -190,11 +264,12 @@ def frame_records(source: str, index: int | None, time_s: float | None, boxes: l
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:
-    """A decoded picture as a fresh 8-bit BGR image to draw on."""
+    """A decoded picture as an 8-bit BGR image to draw on: an 8-bit BGR one itself, not a copy (the
+    caller has no further use for it, and a 24 MP frame held twice is 72 MB more)."""
     import cv2
 
     if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4):
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR) if image.shape[2] == 4 else image.copy()
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR) if image.shape[2] == 4 else image
     return cv2.cvtColor(to_gray(image), cv2.COLOR_GRAY2BGR)
 
 
@@ -221,11 +296,20 @@ def write_image(path: Path, image: np.ndarray) -> None:
     """Encode by `path`'s suffix and write it whole (atomic)."""
     import cv2
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     ok, data = cv2.imencode(path.suffix, image)
     if not ok:
         raise FaceSenseError(f"{path}: cannot encode the annotated image")
     write_bytes(path, data.tobytes())
+
+
+def make_parent(path: Path) -> None:
+    """`path`'s folder, made if missing; one FaceSenseError line when it cannot be (read-only, a file)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FaceSenseError(f"{path}: cannot create its folder {exc.filename or path.parent} "
+                             f"({exc.strerror or exc})") from exc
 
 
 class ImageSink:
@@ -257,7 +341,11 @@ class VideoSink:
         if self.closed or self.error is not None:  # a failed or finished video takes no more frames
             return
         if self.writer is None:
-            self.writer = self._open(frame.shape[1], frame.shape[0])
+            try:
+                self.writer = self._open(frame.shape[1], frame.shape[0])
+            except FaceSenseError as exc:
+                self.error = exc
+                return
             if not self.writer.isOpened():
                 self.error = FaceSenseError(f"{self.path}: OpenCV cannot write an MP4 here")
                 return
@@ -266,7 +354,7 @@ class VideoSink:
     def _open(self, width: int, height: int):
         import cv2
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(self.path)
         return cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
 
     def release(self) -> None:
@@ -309,7 +397,7 @@ class Batcher:
     def __init__(self, classifier, out_file, batch_size: int, on_face: Callable[[dict], None]):
         self.classifier, self.out_file, self.batch_size, self.on_face = classifier, out_file, batch_size, on_face
         self.pending: list[_Held] = []
-        self.n_crops = self.n_images = 0
+        self.n_crops = self.held_bytes = 0
 
     def add(self, records: list[dict], crops: np.ndarray, image: np.ndarray | None = None,
             sink: Sink | None = None) -> None:
@@ -319,13 +407,13 @@ class Batcher:
             raise ValueError(f"{len(faces)} face records but {len(crops)} crops")
         self.pending.append(_Held(records, faces, crops, image, sink))
         self.n_crops += len(crops)
-        self.n_images += image is not None
-        if self.n_crops >= self.batch_size or self.n_images >= MAX_HELD_FRAMES:
+        self.held_bytes += image.nbytes if image is not None else 0
+        if self.n_crops >= self.batch_size or self.held_bytes >= MAX_HELD_BYTES:
             self.flush()
 
     def flush(self) -> None:
         """Classify every waiting crop, write the lines, hand annotated frames to their sinks."""
-        pending, self.pending, self.n_crops, self.n_images = self.pending, [], 0, 0  # taken first: never twice
+        pending, self.pending, self.n_crops, self.held_bytes = self.pending, [], 0, 0  # taken first: never twice
         crops = [held.crops for held in pending if len(held.crops)]
         if not crops:
             probs = np.empty((0, len(self.classifier.classes)))
@@ -380,9 +468,9 @@ class _Run:
     """One predict run: each source's frames -> detector -> batcher, and the source's sink."""
 
     def __init__(self, opts: PredictOptions, detector, batcher: Batcher, bar: FrameBar, summary: PredictSummary,
-                 out: Path, report: Callable[[str], None]):
+                 out: Path, say: _Say):
         self.opts, self.detector, self.batcher, self.bar = opts, detector, batcher, bar
-        self.summary, self.out, self.report = summary, out, report
+        self.summary, self.out, self.report, self.warn = summary, out, say.error, say.warning
         self.taken: set[str] = set()  # annotated names given out so far
 
     def source(self, src: Source) -> None:
@@ -390,7 +478,7 @@ class _Run:
         self.bar.source(src)
         try:
             with self.open_sink(src) as sink:
-                for index, time_s, image in load_frames(src, self.opts.vid_stride):
+                for index, time_s, image in load_frames(src, self.opts.vid_stride, self.warn):
                     self.frame(src, index, time_s, image, sink)
         except FaceSenseError as exc:
             self.report(str(exc))
@@ -423,9 +511,27 @@ class _Run:
         return self.out / ANNOTATED / name
 
 
+class _Say:
+    """Per-source errors and warnings: kept in the summary and printed at once, one line each."""
+
+    def __init__(self, console, summary: PredictSummary):
+        self.console, self.summary = console, summary
+
+    def error(self, message: str) -> None:
+        self.summary.failed.append(message)
+        self.console.print(f"error: {message}", markup=False, soft_wrap=True)
+
+    def warning(self, message: str) -> None:
+        self.summary.warnings.append(message)
+        self.console.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+
 def predict(srcs: list[str], model: Path, out: Path, opts: PredictOptions, progress: bool = True,
             console=None) -> PredictSummary:
-    """Run the model over every source; errors per source go into summary.failed (and to the console)."""
+    """Run the model over every source; errors per source go into summary.failed (and to the console).
+
+    Every check (options, --out, --model) passes before anything in --out is deleted or written.
+    """
     from rich.console import Console
 
     from facesense.infer.classifier import load_classifier
@@ -433,29 +539,90 @@ def predict(srcs: list[str], model: Path, out: Path, opts: PredictOptions, progr
     opts.check()
     detector = HaarDetector(opts.min_face) if opts.detector == "haar" else None
     out = require_dir(out)
+    earlier = earlier_outputs(out, opts.overwrite)
     classifier = load_classifier(model, opts.device)  # a wrong --model fails here, before any work
-    sources, errors, ignored = expand_sources(srcs)
-    summary = PredictSummary(sources=len(sources) + len(errors), ignored=ignored)
+    found = expand_sources(srcs, out)
+    summary = PredictSummary(sources=len(found.sources) + len(found.errors), ignored=found.ignored)
     console = console or Console(stderr=True, highlight=False)
-
-    def report(message: str) -> None:
-        summary.failed.append(message)
-        console.print(f"error: {message}", markup=False, soft_wrap=True)
-
-    for message in errors:
-        report(message)
-    out.mkdir(parents=True, exist_ok=True)
+    say = _Say(console, summary)
+    for message in found.errors:
+        say.error(message)
+    for message in found.warnings:
+        say.warning(message)
+    open_out(out, earlier)
     show = progress and console.is_terminal
     start = time.perf_counter()
     with atomic_path(out / PREDICTIONS) as tmp, open(tmp, "w") as fh, \
-            FrameBar(show, console, frames_total(sources, opts.vid_stride) if show else None) as bar:
+            FrameBar(show, console, frames_total(found.sources, opts.vid_stride) if show else None) as bar:
         batcher = Batcher(classifier, fh, opts.batch_size, summary.count_face)
-        run = _Run(opts, detector, batcher, bar, summary, out, report)
-        for src in sources:
+        run = _Run(opts, detector, batcher, bar, summary, out, say)
+        for src in found.sources:
             run.source(src)
         batcher.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
+    """An earlier run's predictions.jsonl and annotated pictures/videos in `out`: refused unless
+    `overwrite` (then returned, for `open_out` to delete once every other check has passed)."""
+    found = [out / PREDICTIONS] if (out / PREDICTIONS).is_file() else []
+    annotated = sorted(f for f in (out / ANNOTATED).rglob("*") if f.is_file() and not f.is_symlink()
+                       and f.suffix.lower() in ANNOTATED_EXTS and not TEMPORARY.match(f.name))
+    found += annotated
+    if found and not overwrite:
+        what = []
+        if (out / PREDICTIONS) in found:
+            with open(out / PREDICTIONS, "rb") as fh:
+                what.append(f"{PREDICTIONS} ({sum(1 for _ in fh)} lines)")
+        if annotated:
+            what.append(f"{len(annotated)} annotated files")
+        raise FaceSenseError(f"--out {out}: holds an earlier run's {' and '.join(what)}; --overwrite replaces "
+                             f"them (deleting those files only), or choose another --out")
+    return found
+
+
+def open_out(out: Path, earlier: list[Path]) -> None:
+    """`out` made, a killed run's temporaries removed, `earlier` (see earlier_outputs) deleted."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FaceSenseError(f"--out {out}: cannot create {exc.filename or out} ({exc.strerror or exc}); "
+                             f"choose another --out") from exc
+    remove_stale_temporaries(out)
+    try:
+        for path in earlier:
+            path.unlink(missing_ok=True)
+        for folder in sorted({p.parent for p in earlier if p.parent != out}, key=lambda p: -len(p.parts)):
+            while folder != out and folder.is_dir() and not any(folder.iterdir()):  # its files were ours
+                folder.rmdir()
+                folder = folder.parent
+    except OSError as exc:
+        raise FaceSenseError(f"--out {out}: cannot delete the earlier run's {exc.filename} "
+                             f"({exc.strerror or exc})") from exc
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporaries that runs into `out` killed outright left (their pid is gone): in `out`
+    and under its annotated/. A live run's (another predict into the same DIR) are left alone."""
+    folders = [out] + [Path(root) for root, _, _ in os.walk(out / ANNOTATED)]
+    for folder in folders:
+        for path in folder.iterdir():
+            match = TEMPORARY.match(path.name)
+            if match and path.is_file() and _pid_gone(int(match.group(1))):
+                path.unlink(missing_ok=True)
+
+
+def _pid_gone(pid: int) -> bool:
+    if pid == os.getpid():  # ours: atomic_path removes its own; one here is in use
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, someone else's
+        return False
+    return False
 
 
 def summary_lines(summary: PredictSummary, out: Path) -> list[str]:
@@ -474,4 +641,6 @@ def summary_lines(summary: PredictSummary, out: Path) -> list[str]:
             lines.append(f"{video}: no faces found")
     if summary.ignored:
         lines.append(f"ignored {summary.ignored} files in folders that are not images or videos")
+    if summary.warnings:
+        lines.append(f"{len(summary.warnings)} warnings (above)")
     return lines

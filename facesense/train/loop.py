@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from facesense.train import memory
 from facesense.train.optim import class_weights, make_ema, make_optimizer, warmup_cosine
 from facesense.train.progress import ProgressBar
 from facesense.train.rundir import RunLock, check_outside_data, existing_run
+from facesense.train.tensorboard import Board
 
 OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "training_curves.png")
 
@@ -94,6 +96,7 @@ class Run:
     epoch_loss: torch.Tensor | None = None  # this rank's summed step losses in the epoch (on the device)
     epoch_correct: torch.Tensor | None = None  # ... and correct predictions on the augmented train batches
     epoch_batches: int = 0  # ... and how many batches those sums hold (a resume on other ranks moves them)
+    board: Board | None = None  # TensorBoard curves (rank 0; a disabled Board does nothing)
 
     @property
     def classes(self) -> list[str]:
@@ -123,7 +126,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg = dataclasses.replace(cfg, amp=runtime.amp_default(cfg.amp, rt.device))
     check_outside_data(cfg.out, cfg.data)
     lock = RunLock(cfg.out)  # rank 0 writes --out, so rank 0 holds it
+    run = None
     try:
+        same_command_everywhere(cfg, rt)
         # Before anything looks at --out: a second train into it fails here, at once.
         runtime.on_all_ranks(rt, lambda: lock.acquire() if rt.is_main else None)
         run = prepare(cfg, rt)
@@ -138,9 +143,34 @@ def train(cfg: TrainConfig) -> TrainResult:
             print(f"best val accuracy {top['val_accuracy']:.4f} (epoch {top['epoch']}); "
                   f"checkpoints in {run.out}/ (best.pt, last.pt)")
         return TrainResult(run.model, run.ema.module if run.ema else None, run.history, run.best)
+    except torch.distributed.DistError as exc:  # a peer gone, a broken link: one line, naming this rank
+        raise FaceSenseError(f"rank {rt.rank}: {type(exc).__name__}: {first_line(exc)}") from exc
     finally:
+        if run is not None:
+            run.board.close()
         lock.release()  # and removes --out again if this run created it and wrote nothing
         runtime.teardown(rt)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+# Options each node may set for itself (paths of shared storage may differ between machines).
+PER_NODE = ("data", "out", "device", "workers")
+
+
+def same_command_everywhere(cfg: TrainConfig, rt: runtime.Runtime) -> None:
+    """Every rank runs the same FaceSense with the same options; else one line naming the first difference."""
+    from facesense import __version__
+
+    mine = {"facesense": __version__, **{k: v for k, v in cfg.to_dict().items() if k not in PER_NODE}}
+    for rank, theirs in enumerate(runtime.gather_rank_states(rt, mine)):
+        diff = next((k for k in mine if theirs.get(k) != mine[k]), None)
+        if diff and rank < rt.rank or diff and rt.rank == 0:  # reported by both sides of the first pair
+            what = "FaceSense" if diff == "facesense" else f"--{diff.replace('_', '-')}"
+            raise FaceSenseError(f"rank {rank} runs {what} {theirs.get(diff)!r}, rank {rt.rank} {mine[diff]!r}: "
+                                 f"every node must run the same command and version")
 
 
 # ------------------------------------------------------------------ prepare: everything before the first step
@@ -152,7 +182,7 @@ def prepare(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
     """
     out = Path(cfg.out)
     manifest, data_id = check_data(cfg, rt)
-    ckpt = runtime.on_all_ranks(rt, lambda: resume_from(cfg, out, manifest, data_id))
+    ckpt = resume_from(cfg, rt, out, manifest, data_id)
     runtime.seed_everything(cfg.seed + rt.rank)  # DDP copies rank 0's initial weights to every rank
     model = runtime.on_all_ranks(rt, lambda: build_model(cfg, rt, len(manifest["classes"]), fresh=ckpt is None))
     autocast, scaler, batch_dtype = runtime.amp_setup(cfg.amp, cfg.amp_dtype, rt.device)
@@ -184,6 +214,7 @@ def prepare(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
         run.runner = torch.compile(run.runner)
     if ckpt:
         restore_rank_state(run, ckpt)
+    run.board = Board(out, cfg.tensorboard and rt.is_main, run.history, run.step)
     return run
 
 
@@ -208,17 +239,47 @@ def check_data(cfg: TrainConfig, rt: runtime.Runtime) -> tuple[dict, dict]:
     return manifest, {s: rundata.data_identity(cfg.data, manifest, s) for s in ("train", "val")}
 
 
-def resume_from(cfg: TrainConfig, out: Path, manifest: dict, data_id: dict) -> dict | None:
-    """The checkpoint to resume from (after checking it fits this run), or None for a new run."""
-    last = out / "last.pt"
-    if not cfg.resume:
-        found = existing_run(out)  # best.pt alone is a run too: a shipped model has no last.pt
-        if found and not cfg.overwrite:
-            raise FaceSenseError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                                 f"--overwrite to replace it, or another --out")
+def resume_mode(cfg: TrainConfig) -> str:
+    """--resume as given; a torchrun restart (its workers get the same arguments) implies auto."""
+    if cfg.resume == "no" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return "auto"
+    return cfg.resume
+
+
+def resume_from(cfg: TrainConfig, rt: runtime.Runtime, out: Path, manifest: dict, data_id: dict) -> dict | None:
+    """The checkpoint to resume from (after checking it fits this run), or None for a new run.
+
+    Rank 0 decides and every rank follows: each then loads the same last.pt, which must be on
+    storage every node sees.
+    """
+    resume = runtime.on_all_ranks(rt, lambda: wants_resume(resume_mode(cfg), out, cfg.overwrite) if rt.is_main else None)
+    if not runtime.broadcast(rt, resume):
         return None
-    if not last.is_file():
+    return runtime.on_all_ranks(rt, lambda: load_resumable(cfg, rt, out, manifest, data_id))
+
+
+def wants_resume(mode: str, out: Path, overwrite: bool) -> bool:
+    """Whether --out's last.pt is to be continued; refuses to start over a run it would replace."""
+    last = out / "last.pt"
+    if mode == "yes" and not last.is_file():
         raise FaceSenseError(f"--resume: {last} not found; nothing to resume (drop --resume to start a run)")
+    if mode != "no" and last.is_file():
+        return True
+    found = existing_run(out)  # best.pt alone is a run too: a shipped model has no last.pt
+    if found and mode == "no" and not overwrite:
+        raise FaceSenseError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                             f"--overwrite to replace it, or another --out")
+    if found and mode == "auto":
+        raise FaceSenseError(f"{out} holds a run without last.pt ({', '.join(found)}); --resume auto never "
+                             f"replaces one: choose another --out, or --overwrite to replace it")
+    return False
+
+
+def load_resumable(cfg: TrainConfig, rt: runtime.Runtime, out: Path, manifest: dict, data_id: dict) -> dict:
+    last = out / "last.pt"
+    if not last.is_file():
+        raise FaceSenseError(f"--out {out}: rank {rt.rank} cannot see {last}, which rank 0 resumes from; --out "
+                             f"must be on storage every node sees (a shared file system)")
     ckpt = load_checkpoint(last)
     diffs = resume_differences(ckpt["config"], cfg)
     if diffs:
@@ -271,13 +332,23 @@ def clean_out(out: Path, overwrite: bool) -> None:
 
 
 def restore_training_state(run: Run, ckpt: dict) -> None:
-    """Weights, optimiser, schedule, scaler and position from last.pt."""
+    """Weights, optimiser, schedule, scaler and position from last.pt.
+
+    Progress is samples seen. On another number of ranks a step takes another number of samples,
+    so the step count and the position in the epoch are mapped to this world's steps (the
+    schedule, whose length is counted in this world's steps, continues where it was).
+    """
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
     run.epoch, run.first, run.step, run.best = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["best_accuracy"]
     run.history = [row for row in ckpt["history"] if row["epoch"] <= run.epoch]  # drops a partial epoch's row
+    scale = len(ckpt["ranks"]) / run.rt.world_size
+    if scale != 1:
+        run.step = round(ckpt["step"] * scale)
+        run.first = min(round(ckpt["batch"] * scale), run.steps_per_epoch - 1)  # the epoch's last batch stays
+        run.scheduler.last_epoch = run.step
 
 
 def restore_rank_state(run: Run, ckpt: dict) -> None:
@@ -291,8 +362,9 @@ def restore_rank_state(run: Run, ckpt: dict) -> None:
             run.epoch_loss.fill_(sum(r["epoch_loss_sum"] for r in old))
             run.epoch_correct.fill_(sum(r.get("epoch_correct_sum", 0) for r in old))
             run.epoch_batches = sum(r.get("epoch_batches", ckpt["batch"]) for r in old)
-            print(f"note: {len(old)} ranks wrote this checkpoint, {rt.world_size} resume it: "
-                  f"the run continues, but not bit-for-bit as it would have")
+            print(f"note: {len(old)} ranks wrote this checkpoint, {rt.world_size} resume it: step {ckpt['step']} "
+                  f"there is step {run.step} here (same samples seen); the run continues, but not bit-for-bit "
+                  f"as it would have")
         return
     runtime.set_rng_state(own["rng"])
     run.epoch_loss.fill_(own["epoch_loss_sum"])
@@ -371,8 +443,10 @@ class LogInterval:
         value = runtime.reduce_sum(run.rt, self.loss).item() / (self.steps * run.rt.world_size)
         check_finite(run, value, f"epoch {run.epoch + 1}, steps {run.step - self.steps + 1}-{run.step}")
         now, wait = time.perf_counter(), self.data_wait.seconds()
-        self.bar.show(value, self.steps * run.cfg.batch_size * run.rt.world_size / (now - self.since),
-                      (wait - self.wait_since) / (now - self.since))
+        ips = self.steps * run.cfg.batch_size * run.rt.world_size / (now - self.since)
+        wait_share = (wait - self.wait_since) / (now - self.since)
+        self.bar.show(value, ips, wait_share)
+        run.board.interval(run.step, value, ips, wait_share)
         self.loss.zero_()
         self.steps, self.since, self.wait_since = 0, now, wait
 
@@ -422,6 +496,7 @@ def end_epoch(run: Run, stats: EpochStats, bar: ProgressBar) -> None:
         run.best = max(run.best, row["val_accuracy"])
         run.history.append(row)
     save(run, position, is_best)
+    run.board.epoch(row)  # after last.pt: a resume cuts the curves back to what it holds
     if rt.is_main:
         write_logs(run.out, run.history)
         bar.print(epoch_line(row, cfg.epochs, is_best))
