@@ -26,12 +26,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.env import loader_stream, resolve_device, timed_runs, torch_dtype, write_result
+from benchmarks.env import CPU_ENGINES, loader_stream, resolve_device, timed_runs, torch_dtype, write_result
 from pipeline.loaders import LoaderConfig, make_loader, resolve_kind
 from pipeline.shards import load_manifest
-
-CPU_ENGINES = {"compiled": True, "reference": False}  # --cpu-engines name -> LoaderConfig.compile_cpu
-
 
 def time_loaders(loaders: dict, batches: int, warmup: int, repeats: int, device: torch.device) -> dict:
     """Per loader: {"first_batch_s", "rates"}: the first warm-up batch's seconds (None without warm-up),

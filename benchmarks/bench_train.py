@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.env import loader_stream, resolve_device, timed_runs, write_result
+from benchmarks.env import CPU_ENGINES, loader_stream, resolve_device, timed_runs, write_result
 from facesense.core.config import TrainConfig
 from facesense.core.model import create_model
 from facesense.train.optim import make_optimizer
@@ -83,8 +83,12 @@ def _time(step: Step, batches, steps: int, warmup: int, repeats: int, batch_size
 
 
 def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], model: str, channels: int,
-        batch_size: int, steps: int, warmup: int, repeats: int, device: str, json_path: Path) -> dict:
-    """`variants` empty: DEFAULT_VARIANTS for the device."""
+        batch_size: int, steps: int, warmup: int, repeats: int, device: str, json_path: Path,
+        cpu_augment: str | None = None) -> dict:
+    """`variants` empty: DEFAULT_VARIANTS for the device. `cpu_augment` (compiled | reference): the resident
+    loader's engine on a CPU end to end; None: compiled exactly when the first variant is."""
+    if cpu_augment is not None and cpu_augment not in CPU_ENGINES:
+        raise ValueError(f"cpu augment {cpu_augment!r}: expected one of {', '.join(CPU_ENGINES)}")
     dev = resolve_device(device)
     variants = list(variants) or default_variants(dev)
     parsed = {v: parse_variant(v) for v in variants}
@@ -112,7 +116,8 @@ def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], m
         name, variant = variants[0], parsed[variants[0]]
         for kind in loaders:
             cfg = LoaderConfig(kind=kind, batch_size=batch_size, img_size=size, channels=channels,
-                               dtype=first.batch_dtype, compile_cpu=variant["compile"])
+                               dtype=first.batch_dtype,
+                               compile_cpu=variant["compile"] if cpu_augment is None else CPU_ENGINES[cpu_augment])
             try:
                 loader = make_loader(data, "train", cfg, dev)
             except ImportError as exc:
@@ -121,7 +126,7 @@ def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], m
                 continue
             timed = _time(first, loader_stream(loader), steps, warmup, repeats, batch_size, dev)
             record({"size": size, "mode": "end_to_end", "loader": kind, "resolved_loader": loader.kind,
-                    "variant": name}, timed)
+                    "engine": getattr(loader, "engine", kind), "variant": name}, timed)
             del loader
     ratios = {}
     for size in sizes:
@@ -132,7 +137,8 @@ def run(data: Path, sizes: list[int], variants: list[str], loaders: list[str], m
     payload = {"benchmark": "train", "results": results, "end_to_end_over_ceiling": ratios,
                "config": {"data": str(data), "model": model, "channels": channels, "batch_size": batch_size,
                           "steps": steps, "warmup": warmup, "repeats": repeats, "variants": variants,
-                          "loaders": loaders, "device": str(dev), "torch_threads": torch.get_num_threads()}}
+                          "loaders": loaders, "cpu_augment": cpu_augment, "device": str(dev),
+                          "torch_threads": torch.get_num_threads()}}
     write_result(json_path, payload)
     print(f"end-to-end / ceiling: {ratios}\nwrote {json_path}")
     return payload

@@ -102,6 +102,9 @@ def bench_train(
     warmup: Warmup = 3,
     repeats: Repeats = 3,
     device: Device = "auto",
+    cpu_augment: str = typer.Option("", "--cpu-augment", help="End to end on a CPU: the resident loader's "
+                                    "augmentation engine, compiled or reference. Default: compiled exactly "
+                                    "when the first variant is."),
     json_path: ResultJson = Path("benchmarks/results/train-cpu.json"),
 ):
     """Training images/s per size: synthetic ceiling per variant, and end to end per loader."""
@@ -109,7 +112,7 @@ def bench_train(
 
     with _options_checked():
         run(data, _ints(sizes), _csv(variants), _csv(loaders), model, channels, batch_size, steps, warmup,
-            repeats, device, json_path)
+            repeats, device, json_path, cpu_augment or None)
 
 
 @app.command("predict")
@@ -132,7 +135,8 @@ def bench_predict(
 @app.command("margin")
 def bench_margin(
     model: Path = typer.Option(Path("model/best.pt"), "--model", help="Checkpoint to score crops with."),
-    data: Annotated[Path, typer.Option("--data", help="Shards whose val faces are used.")] = Path("data/shards"),
+    data: Annotated[Path, typer.Option("--data", help="Shards whose val faces are used.")] = \
+        Path("data/shards"),
     margins: str = typer.Option("-0.15,-0.1,-0.05,0,0.05,0.1,0.2,0.3", "--margins", help="Margins to try "
                                  "(fraction of the box side per side; negative crops inside the box)."),
     limit: int = typer.Option(4000, "--limit", help="Val faces to use at most."),

@@ -3,7 +3,8 @@
 * `environment()` / `write_result()`: machine, versions and git commit, embedded in every
   result file;
 * `timed_runs()` / `median_time()`: the clock, with the device synchronised before it is read;
-* `resolve_device()`, `sync()`, `torch_dtype()`: what a `--device` or `--dtype` option names;
+* `resolve_device()`, `sync()`, `torch_dtype()`, `CPU_ENGINES`: what a `--device`, `--dtype` or
+  `--cpu-engines` / `--cpu-augment` option names;
 * `loader_stream()`: a loader's batches epoch after epoch, for as many batches as a timing takes;
 * `ROOT`, `child_env()`: the source tree, and the environment a benchmark child process runs in.
 
@@ -23,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype / --dtypes accept
+# The resident loader's augmentation engines on a CPU (train --cpu-augment), as LoaderConfig.compile_cpu.
+CPU_ENGINES = {"compiled": True, "reference": False}
 PACKAGES = ("torch", "torchvision", "triton", "nvidia-dali-cuda130", "timm", "numpy", "h5py", "pillow")
 
 

@@ -72,7 +72,8 @@ def test_bench_options_are_checked_before_anything_runs(tmp_path):
     shards = make_shards(tmp_path / "shards")
     for args, message in ((["loader", "--cpu-engines", "fast"], "cpu engine(s) ['fast']"),
                           (["loader", "--dtype", "float64"], "dtype 'float64'"),
-                          (["train", "--sizes", "48,big"], "expected whole numbers")):
+                          (["train", "--sizes", "48,big"], "expected whole numbers"),
+                          (["train", "--cpu-augment", "fast"], "cpu augment 'fast'")):
         result = CliRunner().invoke(app, ["bench", *args, "--data", str(shards), "--json", str(tmp_path / "x.json")])
         assert result.exit_code == 1 and message in result.output, result.output
     assert not (tmp_path / "x.json").exists()
@@ -85,3 +86,14 @@ def test_bench_train_default_variants_follow_the_device():
 
     assert default_variants(torch.device("cpu"))[0] == "eager-fp32-cl"  # what facesense train runs on a CPU
     assert default_variants(torch.device("cuda"))[0] == "compiled-amp-cl"
+
+
+def test_bench_train_end_to_end_takes_the_cpu_engine_asked_for(tmp_path):
+    shards = make_shards(tmp_path / "shards")
+    out = tmp_path / "train.json"
+    run_bench("train", "--data", str(shards), "--sizes", "48", "--model", "test_efficientnet", "--device", "cpu",
+              "--variants", "eager-fp32-cl", "--loaders", "resident", "--cpu-augment", "reference",
+              "--batch-size", "8", "--steps", "1", "--warmup", "1", "--repeats", "1", "--json", str(out))
+    payload = json.loads(out.read_text())
+    [e2e] = [r for r in payload["results"] if r["mode"] == "end_to_end"]
+    assert e2e["engine"] == "reference" and payload["config"]["cpu_augment"] == "reference"

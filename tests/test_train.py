@@ -335,3 +335,17 @@ def test_cpu_augment_chooses_the_train_engine_without_compile(data, tmp_path, mo
                                "--cpu-augment", engine))
     assert result.exit_code == 0, result.output
     assert seen == [label, label]
+
+
+def test_a_process_group_that_cannot_form_is_one_line(data, tmp_path):
+    """Rank 0 cannot host the rendezvous store on a port in use: one line naming the rank and address."""
+    port = free_port()
+    with __import__("socket").socket() as held:  # the port is taken: rank 0 cannot host the store there
+        held.bind(("127.0.0.1", port))
+        env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "TORCH_DIST_INIT_BARRIER": "0"}
+        proc = run_cli(train_args(data, tmp_path / "run"), timeout=120, **env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: rank 0: cannot join the other ranks at 127.0.0.1:"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

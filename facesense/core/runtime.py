@@ -51,9 +51,21 @@ def setup(device: str, deterministic: bool) -> Runtime:
     if world_size == 1:
         return Runtime(dev)
     if not dist.is_initialized():
+        join_process_group(dev)
+    return Runtime(dev, dist.get_rank(), dist.get_world_size(), True)
+
+
+def join_process_group(dev: torch.device) -> None:
+    """init_process_group (NCCL on GPU, gloo on CPU); a failure (a store that never answers, a port in
+    use, a broken link) is one line naming this rank and where it tried to meet the others."""
+    try:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
-    return Runtime(dev, dist.get_rank(), dist.get_world_size(), True)
+    except Exception as exc:  # DistError, RuntimeError, ValueError: the backends raise them all
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FaceSenseError(f"rank {os.environ.get('RANK', '?')}: cannot join the other ranks at {where} "
+                             f"({type(exc).__name__}: {message})") from exc
 
 
 def teardown(rt: Runtime) -> None:
