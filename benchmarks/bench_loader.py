@@ -30,6 +30,7 @@ from benchmarks.env import CPU_ENGINES, loader_stream, resolve_device, timed_run
 from pipeline.loaders import LoaderConfig, make_loader, resolve_kind
 from pipeline.shards import load_manifest
 
+
 def time_loaders(loaders: dict, batches: int, warmup: int, repeats: int, device: torch.device) -> dict:
     """Per loader: {"first_batch_s", "rates"}: the first warm-up batch's seconds (None without warm-up),
     and the images/s of `repeats` timed runs of `batches` batches, the loaders taking turns per run."""
