@@ -40,10 +40,11 @@ def error_line(result) -> str:
     return lines[0]
 
 
-def near_astronaut_face(box, centre=ASTRONAUT_FACE_CENTRE, side=ASTRONAUT_FACE_SIDE, scale=1.0) -> bool:
+def near_astronaut_face(box, centre=ASTRONAUT_FACE_CENTRE, side=ASTRONAUT_FACE_SIDE) -> bool:
+    """A box centred on the face (within a fifth of its side) and of about its size."""
     x1, y1, x2, y2 = box
-    cx, cy = centre[0] * scale, centre[1] * scale
-    return abs((x1 + x2) / 2 - cx) < 0.2 * side * scale and abs((y1 + y2) / 2 - cy) < 0.2 * side * scale
+    return abs((x1 + x2) / 2 - centre[0]) < 0.2 * side and abs((y1 + y2) / 2 - centre[1]) < 0.2 * side \
+        and 0.6 * side < x2 - x1 < 1.6 * side
 
 
 def temporaries(out: Path) -> list[Path]:
@@ -340,26 +341,31 @@ def test_nested_boxes_are_dropped():
     assert drop_nested([face, eye, neighbour, overlapping]) == [face, neighbour, overlapping]
 
 
-def test_big_photos_one_box_per_face_and_no_tiny_windows(tmp_path, ckpt):
-    """A 24 MP picture (the astronaut 1500 px on grey) and a 6000x6000 portrait: one box on the face, none
-    inside it, and no box smaller than the working resolution's window (long side * 24 / 1280)."""
+def test_big_photos_one_box_per_face_and_no_false_faces_in_fine_texture(tmp_path, ckpt):
+    """24 MP pictures: the astronaut 1500 px on grey gets one box on the face and none inside it (an eye
+    or mouth found as a face); a face-less blurred-noise texture gets no face (found 4 to 14 false ones
+    when searched for 48-px faces at 3000x2000)."""
     from facesense.infer.faces import CASCADE_WINDOW, MAX_DETECT_SIDE
 
-    portrait = astronaut_bgr()
     wide = np.full((4000, 6000, 3), 128, np.uint8)
-    wide[2500:, 1000:2500] = cv2.resize(portrait, (1500, 1500), interpolation=cv2.INTER_CUBIC)
+    wide[2500:, 1000:2500] = cv2.resize(astronaut_bgr(), (1500, 1500), interpolation=cv2.INTER_CUBIC)
     cv2.imwrite(str(tmp_path / "wide.jpg"), wide)
-    cv2.imwrite(str(tmp_path / "tall.jpg"), cv2.resize(portrait, (6000, 6000), interpolation=cv2.INTER_CUBIC))
-    result = run("predict", tmp_path / "wide.jpg", tmp_path / "tall.jpg", "--model", ckpt, "--out", tmp_path / "out")
+    noise = np.random.default_rng(1).integers(60, 200, (500, 750), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "texture.png"), cv2.resize(cv2.GaussianBlur(noise, (0, 0), 2), (6000, 4000)))
+    result = run("predict", tmp_path / "wide.jpg", tmp_path / "texture.png", "--model", ckpt,
+                 "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")
-    faces = {"wide.jpg": ((1000 + 225 * 1500 / 512, 2500 + 115 * 1500 / 512), 95 * 1500 / 512),
-             "tall.jpg": ((225 * 6000 / 512, 115 * 6000 / 512), 95 * 6000 / 512)}
-    for name, (centre, side) in faces.items():
-        boxes = [r["box"] for r in recs if Path(r["source"]).name == name]
-        covering = [b for b in boxes if b[0] <= centre[0] <= b[2] and b[1] <= centre[1] <= b[3]]
-        assert len(covering) == 1 and near_astronaut_face(covering[0], centre, side), (name, boxes)
-        assert all(b[2] - b[0] >= 0.9 * 6000 * CASCADE_WINDOW / MAX_DETECT_SIDE for b in boxes), (name, boxes)
+    boxes = [r["box"] for r in recs if r["source"].endswith("wide.jpg")]
+    scale = 1500 / 512
+    centre = (1000 + ASTRONAUT_FACE_CENTRE[0] * scale, 2500 + ASTRONAUT_FACE_CENTRE[1] * scale)
+    assert sum(near_astronaut_face(b, centre, ASTRONAUT_FACE_SIDE * scale) for b in boxes) == 1, boxes
+    for a in boxes:
+        for b in boxes:
+            inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+            assert a == b or inter < 0.5 * (a[2] - a[0]) * (a[3] - a[1]), (a, b)
+    assert all(b[2] - b[0] >= 0.9 * 6000 * CASCADE_WINDOW / MAX_DETECT_SIDE for b in boxes), boxes
+    assert [r["box"] for r in recs if r["source"].endswith("texture.png")] == [None]
 
 
 # ----------------------------------------------------------------------------- Ugly 12: held frames by bytes

@@ -349,3 +349,19 @@ def test_a_process_group_that_cannot_form_is_one_line(data, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: rank 0: cannot join the other ranks at 127.0.0.1:"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_ranks_started_with_different_options_stop_with_one_line(data, tmp_path):
+    """Two ranks of one job whose commands differ (--lr): both stop at start, naming the option."""
+    env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_helpers.py"),
+                               *train_args(data, tmp_path / "run", "--lr", lr)],
+                              cwd=ROOT, env=child_env(**env, RANK=str(rank), LOCAL_RANK="0"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, lr in ((0, "0.01"), (1, "0.02"))]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 1, stderr[-2000:]
+        last = [line for line in stderr.splitlines() if line.strip()][-1]
+        assert "--lr" in last and "every node must run the same command" in last and last.startswith("error:"), last
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
