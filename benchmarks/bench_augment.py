@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.env import median_time, resolve_device, torch_dtype, write_result
+from benchmarks.env import (BadOption, at_least, check_channels, check_sizes, median_time, resolve_device,
+                            torch_dtype, write_result)
 from kernels.reference import augment_reference
 from kernels.spec import AugConfig, OutputSpec, sample_params
 
@@ -46,8 +47,15 @@ def triton_engine(device: torch.device):
 
 def run(device: str, sizes: list[int], dtypes: list[str], channels: int, batch_size: int, dataset_size: int,
         warmup: int, repeats: int, iters: int, json_path: Path | None, seed: int = 0) -> dict:
+    # Every option checked before anything runs (BadOption: a one-line CLI error).
+    check_sizes(sizes)
+    check_channels(channels)
+    at_least(1, batch_size=batch_size, dataset_size=dataset_size, repeats=repeats, iters=iters)
+    at_least(0, warmup=warmup)
+    if not dtypes:
+        raise BadOption("--dtypes: give at least one of float32, float16, bfloat16")
+    torch_dtypes = {name: torch_dtype(name) for name in dtypes}
     dev = resolve_device(device)
-    torch_dtypes = {name: torch_dtype(name) for name in dtypes}  # every name checked before anything runs
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (dataset_size, 48, 48), dtype=torch.uint8, generator=gen).to(dev)
     index = torch.randint(0, dataset_size, (batch_size,), generator=gen).to(dev)

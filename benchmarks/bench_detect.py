@@ -1,7 +1,7 @@
 """Face detection: which of predict's detection steps keep the faces, and what big photos do.
 
-Run: .venv/bin/python -m benchmarks.bench_detect --faces 200 --json benchmarks/results/detect-cpu.json
-(about a minute on 2 cores; needs the FER2013 image folders at ../shared/fer2013).
+Run: .venv/bin/python -m benchmarks.bench_detect --faces 400 --json benchmarks/results/detect-cpu.json
+(about two minutes on 2 cores; needs the FER2013 image folders at ../shared/fer2013).
 
 recall: --faces FER2013 val (PublicTest) faces, classes interleaved, each upscaled 4x
 (48 -> 192 px, bicubic) onto a mid-grey 640x480 canvas at a seeded random place, and the
@@ -168,7 +168,7 @@ def run(n_faces: int, json_path: Path, big: bool = True) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", type=int, default=200, help="FER2013 val faces to place on canvases.")
+    parser.add_argument("--faces", type=int, default=400, help="FER2013 val faces to place on canvases.")
     parser.add_argument("--no-big", action="store_true", help="Skip the 24/64 MP pictures (the slow part).")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/detect-cpu.json"))
     args = parser.parse_args(argv)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.env import CPU_ENGINES, loader_stream, resolve_device, timed_runs, torch_dtype, write_result
+from benchmarks.env import (CPU_ENGINES, BadOption, at_least, check_channels, check_loader_kinds, check_sizes,
+                            check_split, loader_stream, resolve_device, timed_runs, torch_dtype, write_result)
 from pipeline.loaders import LoaderConfig, make_loader, resolve_kind
-from pipeline.shards import load_manifest
 
 
 def time_loaders(loaders: dict, batches: int, warmup: int, repeats: int, device: torch.device) -> dict:
@@ -55,13 +55,21 @@ def time_loaders(loaders: dict, batches: int, warmup: int, repeats: int, device:
 def run(data: Path, kinds: list[str], sizes: list[int], batches: int, batch_size: int, split: str,
         dtype: str, channels: int, warmup: int, repeats: int, workers: int, device: str,
         json_path: Path, cpu_engines: list[str] = ("compiled",)) -> dict:
-    dev = resolve_device(device)
-    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # None: inductor's default; read before it sets one
+    # Every option checked before anything runs (BadOption: a one-line CLI error).
+    if not kinds:
+        raise BadOption("--kinds: give at least one loader kind, e.g. resident")
+    check_loader_kinds(kinds, "--kinds")
+    check_sizes(sizes)
+    check_channels(channels)
+    at_least(1, batches=batches, batch_size=batch_size, repeats=repeats)
+    at_least(0, warmup=warmup, workers=workers)
     out_dtype = torch_dtype(dtype)
     unknown = [e for e in cpu_engines if e not in CPU_ENGINES]
     if unknown or not cpu_engines:
-        raise ValueError(f"cpu engine(s) {unknown}: expected one or more of {', '.join(CPU_ENGINES)}")
-    manifest = load_manifest(data)
+        raise BadOption(f"cpu engine(s) {unknown}: expected one or more of {', '.join(CPU_ENGINES)}")
+    dev = resolve_device(device)
+    manifest = check_split(data, split, batch_size)
+    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # None: inductor's default; read before it sets one
     results, engine_ratios = [], {}
     for kind in kinds:
         engines = list(cpu_engines) if dev.type == "cpu" and resolve_kind(kind, dev) == "resident" else [None]

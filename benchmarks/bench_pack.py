@@ -17,9 +17,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from benchmarks.env import median_time, write_result
+from benchmarks.env import BadOption, at_least, median_time, write_result
 from pipeline.classes import folder_class_index
-from pipeline.pack import PackOptions, pack
+from pipeline.errors import PackError
+from pipeline.folders import scan_folders
+from pipeline.pack import PackOptions, detect_format, pack
 
 CSV_ROWS = 35_887
 
@@ -60,7 +62,23 @@ def make_csv(src: Path, path: Path) -> int:
     return min(len(rows), CSV_ROWS)
 
 
+def check_options(data: Path, csv: Path | None, repeats: int) -> None:
+    """BadOption for what cannot be timed: --repeats under 1, a --data that is not a FER2013 image-folder
+    tree with images (what pack reads), a --csv that is not a file."""
+    at_least(1, repeats=repeats)
+    for flag, path, fmt in (("--data", data, "folders"), ("--csv", csv, "csv")):
+        if path is None:
+            continue
+        try:
+            detect_format(Path(path), fmt)
+            if fmt == "folders":
+                scan_folders(Path(path))
+        except PackError as exc:
+            raise BadOption(f"{flag} {exc}") from None
+
+
 def run(data: Path, csv: Path | None, repeats: int, json_path: Path) -> dict:
+    check_options(data, csv, repeats)
     work = Path(tempfile.mkdtemp(prefix="facesense-bench-pack-"))
     try:
         n_folder = sum(1 for _ in data.glob("*/*/*"))

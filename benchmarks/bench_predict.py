@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.env import median_time, write_result
+from benchmarks.env import BadOption, at_least, median_time, write_result
+from facesense.core.errors import FaceSenseError
+
+MIN_MARGIN = -0.5  # a crop grows by margin x side on each side: at -0.5 or below nothing is left
 
 
 def _faces(data: Path | None, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +71,15 @@ def _portrait() -> np.ndarray:
     return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
 
 
+def check_model(model: Path) -> None:
+    if not Path(model).is_file():
+        raise BadOption(f"--model {model}: no such checkpoint (train one, or pass a .pt file)")
+
+
 def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: int, video_frames: int,
         json_path: Path) -> dict:
+    at_least(1, batch_size=batch_size, photos=photos, video_frames=video_frames, repeats=repeats)
+    check_model(model)
     import cv2
     import torch
     from rich.console import Console
@@ -138,6 +148,16 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
 
 
 def margin_sweep(model: Path, data: Path, margins: list[float], limit: int, json_path: Path) -> dict:
+    if not margins:
+        raise BadOption("--margins: give at least one margin, e.g. 0,0.1")
+    low = [m for m in margins if not m > MIN_MARGIN]
+    if low:
+        raise BadOption(f"--margins {low[0]}: must be above {MIN_MARGIN} (the crop would be empty)")
+    at_least(1, limit=limit)
+    check_model(model)
+    from pipeline.shards import load_manifest
+
+    load_manifest(data)  # the val faces must be real ones (ShardError, one line, where there are none)
     import cv2
     from rich.console import Console
 
@@ -163,6 +183,8 @@ def margin_sweep(model: Path, data: Path, margins: list[float], limit: int, json
         offsets.append(((y1 + y2) / 2 - 160) / 144 * 48)
         for m in margins:
             crops[m].append(resize_face(square_crop(canvas, boxes[0], m)))
+    if not found:
+        raise FaceSenseError(f"the detector found none of the {len(faces)} faces: no margin to compare")
     found = np.array(found)
     y = labels[found]
 

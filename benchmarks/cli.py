@@ -1,14 +1,17 @@
 """`facesense bench ...`: the benchmark commands, mounted by facesense/cli.py (the only place that imports
-benchmarks from facesense). Each writes its JSON result with machine, versions, config and commit."""
+benchmarks from facesense). Each writes its JSON result with machine, versions, config and commit.
+
+Each benchmark checks every option before it runs anything: an option it cannot run with (a count under
+1, a size or device it cannot use, data that is not there) is benchmarks.env.BadOption, a FaceSenseError,
+which the CLI root prints as one `error: ...` line with exit code 1; no result file is written."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from facesense.core.errors import FaceSenseError
+from benchmarks.env import BadOption
 
 app = typer.Typer(help="Benchmarks: images/s, recorded with machine, versions and commit.", no_args_is_help=True)
 
@@ -53,9 +56,7 @@ def bench_augment(
     """Augmentation images/s: the pure-torch reference vs the fused Triton kernel (CUDA)."""
     from benchmarks.bench_augment import run
 
-    with _options_checked():
-        run(device, _ints(sizes), _csv(dtypes), channels, batch_size, dataset_size, warmup, repeats, iters,
-            json_path)
+    run(device, _ints(sizes), _csv(dtypes), channels, batch_size, dataset_size, warmup, repeats, iters, json_path)
 
 
 @app.command("loader")
@@ -80,9 +81,8 @@ def bench_loader(
     """Images/s of each loader kind per output size (after warm-up, synchronised, median)."""
     from benchmarks.bench_loader import run
 
-    with _options_checked():
-        run(data, _csv(kinds), _ints(sizes), batches, batch_size, split, dtype, channels, warmup, repeats,
-            workers, device, json_path, _csv(cpu_engines))
+    run(data, _csv(kinds), _ints(sizes), batches, batch_size, split, dtype, channels, warmup, repeats,
+        workers, device, json_path, _csv(cpu_engines))
 
 
 @app.command("train")
@@ -110,9 +110,8 @@ def bench_train(
     """Training images/s per size: synthetic ceiling per variant, and end to end per loader."""
     from benchmarks.bench_train import run
 
-    with _options_checked():
-        run(data, _ints(sizes), _csv(variants), _csv(loaders), model, channels, batch_size, steps, warmup,
-            repeats, device, json_path, cpu_augment or None)
+    run(data, _ints(sizes), _csv(variants), _csv(loaders), model, channels, batch_size, steps, warmup,
+        repeats, device, json_path, cpu_augment or None)
 
 
 @app.command("predict")
@@ -145,25 +144,27 @@ def bench_margin(
     """Accuracy of val faces found by the detector on a canvas, per crop margin (how predict's margin was chosen)."""
     from benchmarks.bench_predict import margin_sweep
 
-    margin_sweep(model, data, [float(m) for m in _csv(margins)], limit, json_path)
-
-
-@contextmanager
-def _options_checked():
-    """The benchmarks check their options with ValueError: show those as one-line errors."""
-    try:
-        yield
-    except ValueError as exc:
-        raise FaceSenseError(str(exc)) from exc
+    margin_sweep(model, data, _floats(margins, "--margins"), limit, json_path)
 
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _ints(text: str) -> list[int]:
-    """--sizes: whole numbers, comma-separated (ValueError, a one-line error, for anything else)."""
+def _ints(text: str, flag: str = "--sizes") -> list[int]:
+    """Whole numbers, comma-separated (BadOption, a one-line error, for anything else)."""
     try:
         return [int(part) for part in _csv(text)]
     except ValueError:
-        raise ValueError(f"{text!r}: expected whole numbers separated by commas, e.g. 48,112") from None
+        raise BadOption(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 48,112") from None
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    """Numbers, comma-separated (BadOption for anything else, nan and inf included)."""
+    try:
+        values = [float(part) for part in _csv(text)]
+    except ValueError:
+        values = None
+    if values is None or any(v != v or abs(v) == float("inf") for v in values):
+        raise BadOption(f"{flag} {text!r}: expected numbers separated by commas, e.g. -0.05,0,0.1")
+    return values

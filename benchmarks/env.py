@@ -3,6 +3,8 @@
 * `environment()` / `write_result()`: machine, versions and git commit, embedded in every
   result file;
 * `timed_runs()` / `median_time()`: the clock, with the device synchronised before it is read;
+* `BadOption`, `at_least()`, `check_sizes()`, `check_channels()`: an option no benchmark can run with, a
+  one-line CLI error raised before anything runs;
 * `resolve_device()`, `sync()`, `torch_dtype()`, `CPU_ENGINES`: what a `--device`, `--dtype` or
   `--cpu-engines` / `--cpu-augment` option names;
 * `loader_stream()`: a loader's batches epoch after epoch, for as many batches as a timing takes;
@@ -22,11 +24,62 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from facesense.core.errors import FaceSenseError
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype / --dtypes accept
 # The resident loader's augmentation engines on a CPU (train --cpu-augment), as LoaderConfig.compile_cpu.
 CPU_ENGINES = {"compiled": True, "reference": False}
+MIN_SIZE, MAX_SIZE = 8, 1024  # image sizes a benchmark takes: train's --img-size range
 PACKAGES = ("torch", "torchvision", "triton", "nvidia-dali-cuda130", "timm", "numpy", "h5py", "pillow")
+
+
+class BadOption(FaceSenseError, ValueError):
+    """A benchmark option that cannot work: `error: ...` and exit 1 (the CLI root), raised before any work.
+    Also a ValueError, the benchmarks' older way of refusing an option."""
+
+
+def at_least(minimum: int, **options: int) -> None:
+    """Each option (its flag spelt with _ for -) at least `minimum` (0 or 1)."""
+    for name, value in options.items():
+        if value < minimum:
+            flag = "--" + name.replace("_", "-")
+            raise BadOption(f"{flag} {value}: must be {'positive' if minimum == 1 else 'zero or more'}")
+
+
+def check_sizes(sizes: list[int]) -> None:
+    """--sizes: one or more, each between MIN_SIZE and MAX_SIZE pixels."""
+    if not sizes:
+        raise BadOption("--sizes: give at least one size, e.g. 48,112")
+    bad = [s for s in sizes if not MIN_SIZE <= s <= MAX_SIZE]
+    if bad:
+        raise BadOption(f"--sizes {bad[0]}: must be between {MIN_SIZE} and {MAX_SIZE} pixels")
+
+
+def check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise BadOption(f"--channels {channels}: expected 1 (gray) or 3 (gray replicated)")
+
+
+def check_loader_kinds(kinds: list[str], flag: str) -> None:
+    from pipeline.loaders import KINDS
+
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise BadOption(f"{flag} {unknown[0]!r}: expected one or more of {', '.join(KINDS)}")
+
+
+def check_split(data: Path, split: str, batch_size: int) -> dict:
+    """The shards' manifest (ShardError, one line, if there is none), with `split` holding a batch."""
+    from pipeline.shards import load_manifest
+
+    manifest = load_manifest(data)
+    count = manifest["splits"].get(split, {}).get("count")
+    if count is None:
+        raise BadOption(f"--split {split!r}: expected one of {', '.join(manifest['splits'])}")
+    if count < batch_size:
+        raise BadOption(f"--batch-size {batch_size}: more than the {count} images of {data}'s {split} split")
+    return manifest
 
 
 def _cpu_name() -> str:
@@ -84,12 +137,24 @@ def environment() -> dict:
 
 
 def resolve_device(name: str):
-    """The torch.device a --device option names: "auto" is CUDA where available, else the CPU."""
+    """The torch.device a --device option names: "auto" is CUDA where available, else the CPU; BadOption
+    for any other name, or for a CUDA device this machine does not have."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        raise BadOption(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadOption(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise BadOption(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def sync(device) -> None:
@@ -101,9 +166,9 @@ def sync(device) -> None:
 
 
 def torch_dtype(name: str):
-    """The torch dtype a --dtype option names; ValueError (a one-line CLI error) for any other name."""
+    """The torch dtype a --dtype option names; BadOption (a one-line CLI error) for any other name."""
     if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
+        raise BadOption(f"dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
     import torch
 
     return getattr(torch, name)

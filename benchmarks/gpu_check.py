@@ -3,13 +3,15 @@
     python -m benchmarks.gpu_check --data SHARDS --out DIR [--smoke] [--budget-s 540]
     make gpu-check DATA=SHARDS OUT=DIR
 
-Runs five parts, each in its own process under its own time box (benchmarks/gpu_parts.py),
+Runs six parts, each in its own process under its own time box (benchmarks/gpu_parts.py),
 so one failing or hanging part never loses the others and the whole run ends within
 --budget-s: `tests` (the CUDA tests), `augment` (Triton vs reference), `loader`
-(resident / dali / dataloader), `train` (synthetic ceiling vs end to end, compiled, AMP)
-and `accuracy` (recipes/gpu.toml on the real data, selected on val, evaluated on val and
-on test where the shards have it). `--smoke` runs the same code on a CPU with tiny sizes
-(a test runs it, so the script cannot rot).
+(resident / dali / dataloader), `train` (synthetic ceiling vs end to end, compiled, AMP),
+`accuracy` (recipes/gpu.toml on the real data, selected on val, evaluated on val and
+on test where the shards have it) and `ddp` (the synthetic step through torchrun on 1 GPU
+and on all of them at 112 and 224 px, scaling efficiency; skipped, taking no time, with
+fewer than two GPUs). `--smoke` runs the same code on a CPU with tiny sizes (a test runs
+it, so the script cannot rot).
 
 Writes at most 8 files into --out, each small enough to collect from a remote machine:
 summary.md (the table a person reads), gpu.json (env + one entry per part, each with
@@ -38,11 +40,14 @@ import typer
 from benchmarks import gpu_parts
 from benchmarks.env import ROOT, child_env, environment
 
-PARTS = tuple(gpu_parts.PARTS)  # tests, augment, loader, train, accuracy: the order they run in
-# Each part's share of the budget; accuracy gets whatever the others leave (at least its share).
-# Sized for one H100 at the default 540 s: train holds three EfficientNet-B0 compiles (48/112/224 px),
-# accuracy a ~5 minute recipes/gpu.toml run plus its evaluations.
-SHARES = {"tests": 0.10, "augment": 0.06, "loader": 0.08, "train": 0.22, "accuracy": 0.54}
+PARTS = tuple(gpu_parts.PARTS)  # tests, augment, loader, train, accuracy, ddp: the order they run in
+# Each part's share of the budget; accuracy (REST) gets whatever the others leave, less the parts after it
+# (at least its share). Sized for one H100 at the default 540 s: train holds three EfficientNet-B0
+# compiles (48/112/224 px), accuracy a ~5 minute recipes/gpu.toml run plus its evaluations. ddp's share
+# is kept back only with two GPUs or more (four eager torchrun launches); with fewer it is skipped at once
+# and the other parts' boxes are what they are without it.
+SHARES = {"tests": 0.10, "augment": 0.06, "loader": 0.08, "train": 0.22, "accuracy": 0.54, "ddp": 0.20}
+REST = "accuracy"
 MAX_FILE_BYTES = 16 * 2**20
 
 
@@ -128,7 +133,20 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| test (PrivateTest) accuracy, no TTA | {acc['test']['accuracy']:.4f} | - | - |")
         lines.append(f"| training: epochs done / seconds{' (time box reached)' if acc['time_boxed'] else ''} | "
                      f"{acc['epochs_done']} / {acc['training_s']:.0f} | - | - |")
+    ddp = report.get("ddp", {})
+    for row in ddp.get("results", []):
+        lines.append(f"| DDP synthetic step, {row['size']} px, {row['gpus']} GPU(s): img/s (per GPU) | "
+                     f"{row['images_per_s']:,.0f} ({row['images_per_s_per_gpu']:,.0f}) | - | - |")
+    for size, efficiency in ddp.get("scaling_efficiency", {}).items():
+        lines.append(f"| DDP scaling efficiency, {size} px, 1 -> {ddp['gpus']} GPUs | {efficiency:.3f} | - | - |")
     return "\n".join(lines) + "\n"
+
+
+def time_box(name: str, left: float, budget_s: float, shares: dict) -> float:
+    """Seconds part `name` may take with `left` of the budget: its share, and never what the parts after it
+    are owed; REST takes all of that."""
+    later = sum(shares[p] for p in PARTS[PARTS.index(name) + 1:]) * budget_s
+    return left - later if name == REST else min(shares[name] * budget_s, left - later)
 
 
 def check(data: Path, out: Path, smoke: bool, budget_s: float) -> dict:
@@ -146,13 +164,16 @@ def check(data: Path, out: Path, smoke: bool, budget_s: float) -> dict:
         (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         (out / "summary.md").write_text(summary_markdown(report))
 
+    ddp_skipped = gpu_parts.ddp_skipped(0 if smoke else gpu_parts.cuda_devices())  # smoke: a CPU run
+    shares = {**SHARES, "ddp": 0.0 if ddp_skipped else SHARES["ddp"]}
     with tempfile.TemporaryDirectory(prefix="facesense-gpu-check-") as tmp:
         scratch = Path(tmp)
-        for i, name in enumerate(PARTS):
-            left = deadline - time.perf_counter()
-            later = sum(SHARES[p] for p in PARTS[i + 1:]) * budget_s
-            box = left if name == PARTS[-1] else min(SHARES[name] * budget_s, left - later)
-            if box < 10:
+        for name in PARTS:
+            box = time_box(name, deadline - time.perf_counter(), budget_s, shares)
+            if name == "ddp" and ddp_skipped:
+                report[name] = ddp_skipped
+                print(f"gpu check: {name} skipped: {report[name]['reason']}", flush=True)
+            elif box < 10:
                 report[name] = {"status": "skipped", "reason": f"no time left in the {budget_s:.0f} s budget"}
             else:
                 print(f"gpu check: {name} (time box {box:.0f} s)", flush=True)
@@ -177,7 +198,7 @@ def main(
     smoke: bool = typer.Option(False, "--smoke", help="Same code path on CPU with tiny sizes and steps (minutes)."),
     budget_s: float = typer.Option(540.0, "--budget-s", help="Seconds the whole check may take; each part is boxed."),
 ) -> None:
-    """Prove every GPU path in one unattended run: CUDA tests, augment/loader/train throughput, accuracy."""
+    """Prove every GPU path in one unattended run: CUDA tests, augment/loader/train throughput, accuracy, DDP."""
     report = check(data, out, smoke, budget_s)
     print((out / "summary.md").read_text())
     failed = [name for name in PARTS if report[name]["status"] == "failed"]

@@ -229,9 +229,97 @@ def part_accuracy(settings: dict) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------
+# ddp: the synthetic training step on 1 GPU and on all of them (torchrun), scaling efficiency
+# --------------------------------------------------------------------------------------
+
+DDP_SIZES = (112, 224)
+# Eager, not compiled: four launches (2 sizes x 1 and N GPUs) of four compiles each would not fit the box.
+DDP_STEP = {"model": "efficientnet_b0", "variant": "eager-amp-cl", "channels": 1, "batch_size": 256, "steps": 20,
+            "warmup": 5, "repeats": 3}
+DDP_STOP_S = 10  # for a torchrun stopped at the end of its time: SIGTERM, then this long before SIGKILL
+# Kept back from the part's box: a torchrun killed by the box (SIGKILL) would leave its ranks running.
+DDP_RESERVE_S = DDP_STOP_S + 5
+
+
+def cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def ddp_skipped(gpus: int) -> dict | None:
+    """The ddp part's entry where it cannot measure anything (fewer than two GPUs), else None."""
+    if gpus >= 2:
+        return None
+    return {"status": "skipped", "reason": f"{'one GPU' if gpus == 1 else 'no GPU'}: DDP scaling needs at least two",
+            "gpus": gpus}
+
+
+def part_ddp(settings: dict) -> dict:
+    gpus = 0 if settings["smoke"] else cuda_devices()  # smoke: a CPU run
+    return ddp_skipped(gpus) or ddp_scaling(settings, gpus, "cuda", DDP_SIZES, DDP_STEP)
+
+
+def ddp_scaling(settings: dict, gpus: int, device: str, sizes, step: dict) -> dict:
+    """Per size, the synthetic step launched on 1 and on `gpus` processes; scaling efficiency
+    images/s(N) / (N x images/s(1)). A launch that fails or runs out of time ends the part as failed, with
+    the launches already finished."""
+    scratch = Path(settings["scratch"])
+    end = time.monotonic() + settings["deadline_s"] - DDP_RESERVE_S
+    rows, efficiency = [], {}
+    result = {"status": "ok", "gpus": gpus, "step": {**step, "device": device}, "results": rows,
+              "scaling_efficiency": efficiency}
+    for size in sizes:
+        rates = {}
+        for n in (1, gpus):
+            try:
+                row = launch_ddp(n, size, device, step, scratch, end - time.monotonic())
+            except RuntimeError as exc:
+                return {**result, "status": "failed", "error": str(exc)}
+            rows.append(row)
+            rates[n] = row["images_per_s"]
+            save_partial(settings, result)
+        efficiency[str(size)] = rates[gpus] / (gpus * rates[1])
+        save_partial(settings, result)
+    return result
+
+
+def launch_ddp(nproc: int, size: int, device: str, step: dict, scratch: Path, timeout: float) -> dict:
+    """One `python -m torch.distributed.run --nproc_per_node nproc` of benchmarks.bench_train: rank 0's row."""
+    what = f"DDP on {nproc} process(es) at {size} px"
+    if timeout < 10:
+        raise RuntimeError(f"{what}: no time left in the part's box")
+    row_path, log_path = scratch / f"ddp-{size}px-{nproc}.json", scratch / f"ddp-{size}px-{nproc}.log"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "benchmarks.bench_train", "--size", str(size), "--device", device, "--json", str(row_path)]
+    for key, value in step.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun hands SIGTERM to its ranks and waits for them
+            try:
+                proc.wait(timeout=DDP_STOP_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            code = None
+    tail = "\n".join(log_path.read_text().strip().splitlines()[-15:])
+    if code is None:
+        raise RuntimeError(f"{what}: timed out after {timeout:.0f} s\n{tail}")
+    if code != 0 or not row_path.is_file():
+        raise RuntimeError(f"{what}: exit code {code}\n{tail}")
+    return json.loads(row_path.read_text())
+
+
 # The parts in the order the check runs them (gpu_check.PARTS is this order).
 PARTS = {"tests": part_tests, "augment": part_augment, "loader": part_loader, "train": part_train,
-         "accuracy": part_accuracy}
+         "accuracy": part_accuracy, "ddp": part_ddp}
 
 
 def main(argv: list[str]) -> None:

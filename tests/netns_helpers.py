@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,17 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
     return proc
+
+
+def delete_leftovers() -> None:
+    """Delete the namespaces this module made in a test process that no longer runs (killed before its
+    finalizer ran): the names say whose they were (fs<pid>n<k>A|B). Anything still running in one ends
+    by its own timeouts (rendezvous join, the test's subprocess limits)."""
+    proc = _ip("netns", "list", check=False)
+    for line in proc.stdout.splitlines():
+        match = re.fullmatch(r"(fs(\d+)n\d+[AB])(\s.*)?", line.strip())
+        if match and not Path(f"/proc/{match.group(2)}").exists():
+            _ip("netns", "delete", match.group(1), check=False)
 
 
 @dataclass(frozen=True)
@@ -106,14 +118,16 @@ class TwoHosts:
     """Namespaces A and B, a veth pair between them (10.231.X.1/30 <-> 10.231.X.2/30), lo up in both."""
 
     def __init__(self) -> None:
-        tag = f"fs{os.getpid()}{next(_counter)}"  # unique per process and call: no clash with other runs
-        x = (os.getpid() + int(tag[-1])) % 250 + 1
+        n = next(_counter)
+        tag = f"fs{os.getpid()}n{n}"  # unique per process and call: no clash with other or leftover runs
+        x = (os.getpid() * 7 + n) % 250 + 1  # each pair has a stack of its own; distinct only for readability
         self.a = Host(f"{tag}A", f"{tag}a", f"10.231.{x}.1")
         self.b = Host(f"{tag}B", f"{tag}b", f"10.231.{x}.2")
         self.made: list[Host] = []
 
     @classmethod
     def make(cls) -> "TwoHosts":
+        delete_leftovers()
         hosts = cls()
         try:
             for host in (hosts.a, hosts.b):
@@ -162,10 +176,19 @@ class TwoHosts:
                str(Path(__file__).resolve()), *args]
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as sink:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(GLOO_SOCKET_IFNAME=host.ifname, **(env or {})),
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(**torchrun_env(host), **(env or {})),
                                     stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         return Job(host, proc, log)
+
+
+def torchrun_env(host: Host) -> dict[str, str]:
+    """What torchrun needs in `host`'s environment: gloo on its veth, and (torch 2.14) no rendezvous store
+    shared with the workers. By default the agent on node 0 keeps one TCPStore for every round and the
+    workers' keys in it are not scoped per attempt: after a restart a worker can read the previous
+    attempt's rank-0 gloo address and fail with "Connection refused" (measured here; pytorch issue
+    #135712). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 rank 0's worker hosts a new store each round."""
+    return {"GLOO_SOCKET_IFNAME": host.ifname, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def run_two(hosts: TwoHosts, args_a: list[str], args_b: list[str], logs: Path, timeout: float = 150,

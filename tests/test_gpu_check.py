@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, gpu_parts
 from train_helpers import ROOT, child_env, make_shards
 
 PARTS = gpu_check.PARTS  # one list: benchmarks/gpu_parts.PARTS, in running order
 
 
-def test_the_check_runs_the_five_documented_parts_in_order():
-    assert PARTS == ("tests", "augment", "loader", "train", "accuracy")
+def test_the_check_runs_the_six_documented_parts_in_order():
+    assert PARTS == ("tests", "augment", "loader", "train", "accuracy", "ddp")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,10 @@ def test_smoke_gpu_json_has_every_part_with_a_status(smoke):
     report = json.loads((out / "gpu.json").read_text())
     assert set(PARTS) | {"env"} <= set(report)
     assert torch.__version__.startswith(report["env"]["versions"]["torch"]) and report["env"]["git_commit"]
-    for part in PARTS:
+    for part in PARTS[:-1]:
         assert report[part]["status"] == "ok", (part, report[part])
+    # A CPU run has no GPU to scale over: said, not failed.
+    assert report["ddp"] == {"status": "skipped", "reason": "no GPU: DDP scaling needs at least two", "gpus": 0}
     assert report["tests"]["counts"]["passed"] > 0
     assert any("triton skipped" in note for note in report["augment"]["notes"])  # CUDA-only: said, not hidden
     assert {r["loader"] for r in report["train"]["results"] if r["mode"] == "end_to_end"} >= {"resident",
@@ -63,8 +65,9 @@ def test_smoke_outputs_are_usable(smoke):
     report = json.loads((out / "report.json").read_text())
     assert report["split"] == "test" and report["count"] == 21  # test exists in these shards
     summary = (out / "summary.md").read_text()
-    for part in PARTS:
+    for part in PARTS[:-1]:
         assert f"| {part} | ok |" in summary
+    assert "| ddp | skipped | - | no GPU: DDP scaling needs at least two |" in summary
 
 
 def test_a_failing_or_hanging_part_is_reported_not_fatal(tmp_path):
@@ -80,3 +83,39 @@ def test_missing_data_is_a_clear_error(tmp_path):
                            "--out", str(tmp_path / "out"), "--smoke"], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "pack the data first" in proc.stderr
+
+
+def test_the_ddp_part_skips_with_fewer_than_two_gpus(tmp_path):
+    assert gpu_parts.ddp_skipped(1) == {"status": "skipped", "reason": "one GPU: DDP scaling needs at least two",
+                                        "gpus": 1}
+    assert gpu_parts.ddp_skipped(2) is None
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs to scale over")
+    # Not a smoke run: the part itself counts the GPUs, and records the skip without failing.
+    result = gpu_check.run_part("ddp", {"data": str(tmp_path), "smoke": False}, tmp_path, box_s=120)
+    assert result["status"] == "skipped" and result["reason"].endswith(": DDP scaling needs at least two")
+
+
+def test_ddp_is_owed_nothing_when_it_is_skipped():
+    left, budget = 300.0, 540.0
+    skipped = {**gpu_check.SHARES, "ddp": 0.0}
+    assert gpu_check.time_box("accuracy", left, budget, skipped) == left  # all the rest, as without the part
+    assert gpu_check.time_box("train", budget, budget, skipped) == pytest.approx(0.22 * budget)
+    kept = gpu_check.time_box("accuracy", left, budget, gpu_check.SHARES)
+    assert kept == pytest.approx(left - gpu_check.SHARES["ddp"] * budget)
+    assert gpu_check.time_box("ddp", left - kept, budget, gpu_check.SHARES) == pytest.approx(left - kept)
+
+
+def test_ddp_scaling_launches_torchrun_on_one_and_on_n_processes(tmp_path):
+    # The part's path on a CPU (gloo): two launches, one process and two, of the real synthetic step.
+    step = {"model": gpu_parts.TINY_MODEL, "variant": "eager-fp32-cl", "channels": 1, "batch_size": 4, "steps": 1,
+            "warmup": 1, "repeats": 2}
+    settings = {"scratch": str(tmp_path), "deadline_s": 300, "result": str(tmp_path / "result.json")}
+    result = gpu_parts.ddp_scaling(settings, 2, "cpu", [32], step)
+    assert result["status"] == "ok", result.get("error")
+    one, two = result["results"]
+    assert (one["gpus"], one["ddp"], two["gpus"], two["ddp"]) == (1, False, 2, True)
+    assert all(r["size"] == 32 and len(r["all_images_per_s"]) == 2 and r["images_per_s"] > 0 for r in (one, two))
+    assert two["images_per_s_per_gpu"] == pytest.approx(two["images_per_s"] / 2)
+    assert result["scaling_efficiency"] == {"32": pytest.approx(two["images_per_s"] / (2 * one["images_per_s"]))}
+    assert json.loads((tmp_path / "result.json").read_text())["partial"] is True  # kept as it went

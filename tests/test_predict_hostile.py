@@ -84,7 +84,8 @@ def test_exif_orientation_applied_whatever_the_mode(tmp_path, ckpt, mode, suffix
     exif = Image.Exif()
     exif[0x0112] = 6
     path = tmp_path / f"sideways{suffix}"
-    Image.fromarray(stored).convert(mode).save(path, exif=exif.tobytes(), **({"quality": 95} if suffix == ".jpg" else {}))
+    quality = {"quality": 95} if suffix == ".jpg" else {}
+    Image.fromarray(stored).convert(mode).save(path, exif=exif.tobytes(), **quality)
     result = run("predict", path, "--model", ckpt, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     recs = read_jsonl(tmp_path / "out" / "predictions.jsonl")

@@ -574,9 +574,10 @@ def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
         what = []
         if (out / PREDICTIONS) in found:
             with open(out / PREDICTIONS, "rb") as fh:
-                what.append(f"{PREDICTIONS} ({sum(1 for _ in fh)} lines)")
+                lines = sum(1 for _ in fh)
+            what.append(f"{PREDICTIONS} ({lines} line{'s' * (lines != 1)})")
         if annotated:
-            what.append(f"{len(annotated)} annotated files")
+            what.append(f"{len(annotated)} annotated file{'s' * (len(annotated) != 1)}")
         raise FaceSenseError(f"--out {out}: holds an earlier run's {' and '.join(what)}; --overwrite replaces "
                              f"them (deleting those files only), or choose another --out")
     return found
