@@ -130,7 +130,7 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
             out = Path(tmp) / f"out-{name}"
             runs = []
             for _ in range(repeats):
-                opts = PredictOptions(device="cpu", batch_size=64)
+                opts = PredictOptions(device="cpu", batch_size=64, overwrite=True)  # each repeat writes the same --out
                 summary = predict([str(video)], path, out, opts, progress=False)
                 runs.append(summary.frames / summary.seconds)
             rate = statistics.median(runs)
