@@ -137,6 +137,7 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
             results.append({"mode": "video", "backend": name, "size": [640, 480], "frames": video_frames,
                             "faces": summary.faces, "frames_per_s": rate, "runs_frames_per_s": runs})
             console.print(f"video    {name:12s} 640x480 facesense predict: {rate:,.1f} frames/s")
+    results += api_and_tracking(model, faces, pictures, video_frames, repeats, console)
     payload = {"benchmark": "predict", "results": results,
                "config": {"model": str(model), "data": str(data) if data else None, "batch_size": batch_size,
                           "photos": photos, "repeats": repeats, "video_frames": video_frames,
@@ -145,6 +146,43 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
                           "load_average_1min_after": os.getloadavg()[0]}}
     write_result(json_path, payload)
     return payload
+
+
+def api_and_tracking(model: Path, faces: np.ndarray, pictures: list, video_frames: int, repeats: int,
+                     console) -> list[dict]:
+    """The Python API in-process (`Recognizer`, numpy in): faces/s of `classify` at the batch size and of
+    `rec(frame)`; and video tracking's cost: frames/s of detect + classify per frame without tracks, then
+    the same frames through `rec.video` (tracks and smoothing) -- median of repeats each, interleaved."""
+    from facesense.infer.recognizer import Recognizer
+
+    rec = Recognizer(model, "cpu", batch_size=len(faces))
+    rate, times = _median_rate(lambda: rec.classify(faces), len(faces), repeats, warmup=2)
+    rows = [{"mode": "api-classify", "backend": "pytorch", "batch_size": len(faces), "faces_per_s": rate,
+             "times_s": times}]
+    console.print(f"api      classify batch {len(faces)}: {rate:,.0f} faces/s")
+    found = sum(len(rec(p)) for p in pictures)
+    rate, times = _median_rate(lambda: [rec(p) for p in pictures], len(pictures), repeats)
+    rows.append({"mode": "api-frames", "backend": "pytorch", "size": [640, 480], "frames": len(pictures),
+                 "faces_per_s": rate * found / len(pictures), "frames_per_s": rate, "times_s": times})
+    console.print(f"api      rec(frame) 640x480: {rate:,.1f} frames/s, {rate * found / len(pictures):,.1f} faces/s")
+    frames = [pictures[i % len(pictures)] for i in range(video_frames)]
+
+    def untracked():
+        for f in frames:
+            rec.classify(rec.detect(f)[1])
+
+    runs = {"without": [], "with": []}
+    for _ in range(repeats):  # interleaved: a slower stretch of the machine hits both alike
+        runs["without"].append(len(frames) / median_time(untracked, 1, 0)[0])
+        runs["with"].append(len(frames) / median_time(lambda: list(rec.video(frames, smooth=5)), 1, 0)[0])
+    without, with_ = statistics.median(runs["without"]), statistics.median(runs["with"])
+    cost = 1 - with_ / without
+    rows.append({"mode": "tracking", "backend": "pytorch", "size": [640, 480], "frames": len(frames), "smooth": 5,
+                 "frames_per_s_without_tracks": without, "frames_per_s_with_tracks": with_, "cost": cost,
+                 "runs_frames_per_s": runs})
+    console.print(f"tracking 640x480 frames/s without {without:,.1f}, with tracks + smoothing {with_:,.1f} "
+                  f"(cost {cost:+.1%})")
+    return rows
 
 
 def margin_sweep(model: Path, data: Path, margins: list[float], limit: int, json_path: Path) -> dict:

@@ -192,14 +192,20 @@ def predict_command(
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run's predictions.jsonl in OUT "
                                    "and delete its annotated pictures and videos (nothing else)."),
+    smooth: int = typer.Option(1, "--smooth", help="Label each video track from its last N sampled frames' "
+                               "mean probabilities (1: each frame's own); raw probs stay in the output."),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="Read at most N sampled frames per "
+                                             "video, camera or stream."),
+    show: bool = typer.Option(False, "--show", help="Show annotated frames in a window (needs a display)."),
 ):
-    """Detect faces in photos, folders and videos and classify their expression: OUT/predictions.jsonl."""
+    """Detect faces in photos, folders, videos, cameras (0) and rtsp/http streams and classify their expression:
+    OUT/predictions.jsonl (+ predictions.meta.json)."""
     from facesense.infer.faces import DEFAULT_MARGIN
     from facesense.infer.predict import PredictOptions, predict, summary_lines
 
     opts = PredictOptions(detector=detector, min_face=min_face, margin=DEFAULT_MARGIN if margin is None else margin,
                           save_annotated=save_annotated, vid_stride=vid_stride, batch_size=batch_size, device=device,
-                          overwrite=overwrite)
+                          overwrite=overwrite, smooth=smooth, max_frames=max_frames, show=show)
     _on_interrupt(ctx, "interrupted; predictions.jsonl was not written")
     summary = predict(sources, model, out, opts)
     for line in summary_lines(summary, out):

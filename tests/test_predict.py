@@ -97,7 +97,8 @@ def test_folder_recursive_sorted_with_bad_files(tmp_path, ckpt):
     assert recs[0]["box"] is None and recs[0]["label"] is None and recs[0]["probs"] is None  # no face
     check_probs(recs[1])
     assert "ignored 1 files" in result.output
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["predictions.jsonl"]  # no partial files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["predictions.jsonl", "predictions.meta.json"]  # no partial files
 
 
 def test_wrong_model_fails_at_once(tmp_path):
@@ -172,8 +173,10 @@ def test_bench_predict_json(tmp_path, ckpt):
     assert result.exit_code == 0, result.output
     payload = json.loads(out.read_text())
     modes = [(r["mode"], r["backend"]) for r in payload["results"]]
-    assert modes == [(m, b) for m in ("classify", "photos", "video") for b in ("pytorch", "onnxruntime")]
-    rates = [r.get("faces_per_s") or r.get("photos_per_s") or r.get("frames_per_s") for r in payload["results"]]
+    assert modes == [(m, b) for m in ("classify", "photos", "video") for b in ("pytorch", "onnxruntime")] + \
+        [("api-classify", "pytorch"), ("api-frames", "pytorch"), ("tracking", "pytorch")]
+    rates = [r.get("faces_per_s") or r.get("photos_per_s") or r.get("frames_per_s")
+             or r.get("frames_per_s_with_tracks") for r in payload["results"]]
     assert all(rate > 0 for rate in rates)
     assert payload["results"][2]["faces_found_per_photo"] > 0  # the portrait's face is found
     assert {"machine", "versions", "git_commit", "config"} <= set(payload)

@@ -150,7 +150,7 @@ def test_earlier_predictions_are_refused_unless_overwrite_which_clears_stale_ann
     assert result.exit_code == 0, result.output
     assert [r["source"] for r in read_jsonl(out / "predictions.jsonl")] == [str(photos[0])]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == \
-        ["annotated/README.txt", "annotated/one.png", "notes.txt", "predictions.jsonl"]
+        ["annotated/README.txt", "annotated/one.png", "notes.txt", "predictions.jsonl", "predictions.meta.json"]
 
 
 # ----------------------------------------------------------------------------- Ugly 1-3: where --out points
@@ -236,11 +236,11 @@ def test_truncated_video_warns_and_keeps_what_decoded(tmp_path, ckpt, suffix, fo
 # ----------------------------------------------------------------------------- Ugly 8, 9: interrupts and kills
 
 def test_ctrl_c_during_an_annotated_video_leaves_no_temporary(tmp_path, ckpt, monkeypatch):
-    from facesense.infer import predict as predict_module
+    from facesense.infer import recognizer as recognizer_module  # predict detects through the Recognizer
 
     video = write_video(tmp_path / "clip.mp4", frames=9)
     out = tmp_path / "out"
-    real, seen = predict_module.find_faces, []
+    real, seen = recognizer_module.find_faces, []
 
     def interrupted(*args, **kwargs):
         seen.append(temporaries(out))
@@ -248,7 +248,7 @@ def test_ctrl_c_during_an_annotated_video_leaves_no_temporary(tmp_path, ckpt, mo
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "find_faces", interrupted)
+    monkeypatch.setattr(recognizer_module, "find_faces", interrupted)
     result = run("predict", video, "--model", ckpt, "--out", out, "--save-annotated", "--batch-size", "1")
     assert result.exit_code == 130, result.output
     assert any(p.name.startswith(".clip.tmp-") for p in seen[-1])  # the video was being written
@@ -258,15 +258,15 @@ def test_ctrl_c_during_an_annotated_video_leaves_no_temporary(tmp_path, ckpt, mo
 # A real `facesense predict` that stops at its 4th frame, says so and waits there for a signal.
 PAUSED_PREDICT = """
 import sys, time
-import facesense.infer.predict as predict
-real, calls = predict.find_faces, []
+import facesense.infer.recognizer as recognizer
+real, calls = recognizer.find_faces, []
 def paused(*args, **kwargs):
     calls.append(1)
     if len(calls) == 4:
         print("PAUSED", flush=True)
         time.sleep(600)
     return real(*args, **kwargs)
-predict.find_faces = paused
+recognizer.find_faces = paused
 from facesense.cli import main
 sys.argv = ["facesense", *sys.argv[1:]]
 main()
@@ -377,7 +377,7 @@ def test_annotated_frames_are_held_by_bytes_not_by_count(monkeypatch):
     class Fake:
         classes = ["a", "b"]
 
-        def probs(self, crops):
+        def classify(self, crops):
             return np.tile([0.25, 0.75], (len(crops), 1))
 
     drawn = []

@@ -119,9 +119,6 @@ def test_a_killed_worker_restarts_and_ends_as_if_never_killed(worker_killed, uni
         assert torch.equal(got["model"][key], want["model"][key]), f"{key} differs from the uninterrupted run"
 
 
-@pytest.mark.xfail(reason="facesense/train/loop.py: a gloo peer's death surfaces as RuntimeError (not "
-                          "torch.distributed.DistError), so train() does not turn it into one line: the "
-                          "survivor prints a traceback")
 def test_the_survivor_of_a_peers_death_says_so_in_one_line(worker_killed):
     log_a = worker_killed[2]
     first_attempt = log_a.split("closing signal")[0].split("failed (exitcode")[0]
@@ -129,10 +126,6 @@ def test_the_survivor_of_a_peers_death_says_so_in_one_line(worker_killed):
     assert "Traceback" not in first_attempt
 
 
-@pytest.mark.xfail(reason="facesense/train/loop.py resume_mode: rank 0 decides from its own "
-                          "TORCHELASTIC_RESTART_COUNT, which stays 0 on a host whose agent restarted its "
-                          "workers for the other host's rejoin (a membership change, not a failure); rank 0 "
-                          "then refuses --out as 'already holds a run'")
 def test_a_restart_implies_resume_auto_on_every_host(data, uninterrupted, hosts, tmp_path):
     out = tmp_path / "run"
     args = train_args(data, out, "--save-every", "1")  # no --resume: torchrun's restart implies auto

@@ -1,75 +1,60 @@
-"""`facesense predict`: a trained model on photos, folders and videos -> one JSON line per face.
+"""`facesense predict`: a trained model on photos, folders, videos and streams -> one JSON line per face.
 
-The loop: sources (image files, folders searched recursively in sorted order, video
-files) -> frames (`load_frames`: an image is one frame, a video every --vid-stride'th
-frame; both as (frame index, time_s, picture)) -> face boxes and 48x48 crops
-(`faces.py`) -> batches of --batch-size crops -> the model -> `predictions.jsonl`, in
-source order. Each source also gets one sink, chosen once: nothing, an annotated-image
-writer or an annotated-MP4 writer (--save-annotated). Only crops wait for a batch, plus
-the frames being annotated (at most MAX_HELD_BYTES of them: counted in bytes, not frames,
-since one 24 MP photo weighs as much as 80 VGA frames), so memory stays small on long
-videos and big photos alike.
+The loop: sources (`sources.py`: image files, folders searched recursively in sorted order,
+video files, cameras and stream URLs) -> frames (an image is one frame, a video or stream every
+--vid-stride'th frame; (frame index, time_s, picture)) -> face boxes and 48x48 crops
+(`Recognizer.detect`, the Python API's own path) -> tracks on video (`tracks.py`) -> batches of
+--batch-size crops -> the model (`Recognizer.classify`) -> `predictions.jsonl`, in source order.
+Each source also gets one sink, chosen once (`sinks.py`): nothing, an annotated-image writer or
+an annotated-MP4 writer (--save-annotated), and/or a window (--show). Only crops wait for a
+batch, plus the frames being annotated (at most MAX_HELD_BYTES of them: counted in bytes, not
+frames, since one 24 MP photo weighs as much as 80 VGA frames), so memory stays small on long
+videos and big photos alike. A stream's lines are written and flushed frame by frame; Ctrl-C or
+SIGTERM on a stream ends it (and the run) normally, keeping every line so far.
 
-One line per face: source (the path as given; a folder's files as folder/relative path),
-frame (video frame index; null for images), time_s (video lines only), box [x1, y1, x2,
-y2] in source pixels, label and probs (class -> probability, all classes). A picture or
-sampled frame without a face gets one line whose box, label and probs are null.
+One line per face: source (the path as given; a folder's files as folder/relative path; a
+stream as given), frame (video frame index; null for images), time_s (video lines only), box
+[x1, y1, x2, y2] in source pixels, label and probs (class -> probability, all classes); video
+lines add track (the face's track id within its video) and, with --smooth N > 1, frame_label
+(the frame's own label) and smooth_probs (the track's last N frames averaged), label then being
+the smoothed one. A picture or sampled frame without a face gets one line whose box, label and
+probs are null. Beside it, predictions.meta.json (`outdir.run_meta`) says which model, detector
+and options made them.
 
 A source that cannot be read (or whose annotated copy cannot be written) gets a one-line
 error naming it and the others go on; the caller exits non-zero when any failed. A video
 that ends before the frame count its container states gets a warning (a truncated file).
-
---out is protected as train and eval protect theirs (`prepare_out`): a DIR holding an
-earlier run's predictions.jsonl or annotated files is refused unless --overwrite, which
-deletes only those; predict never reads its own DIR/annotated/ (skipped when a source
-folder holds it). predictions.jsonl and every annotated file are written through
-`core.files.atomic_path`, so an interrupted run (Ctrl-C, SIGTERM) leaves no half file, and
-the temporaries of a run killed outright (SIGKILL, power loss: pid gone) are removed by
-the next run into the same DIR, as pack removes its stale partials.
+--out is protected as train and eval protect theirs (`outdir.py`).
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
-import stat
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from facesense.core.errors import FaceSenseError
-from facesense.core.files import atomic_path, require_dir, write_bytes
-from facesense.infer.faces import DEFAULT_MARGIN, DETECTORS, HaarDetector, find_faces, read_image, to_gray
+from facesense.core.files import atomic_path, require_dir
+from facesense.infer.faces import DEFAULT_MARGIN, DETECTORS
+from facesense.infer.outdir import (ANNOTATED_EXTS, META, PREDICTIONS, TEMPORARY, earlier_outputs,  # noqa: F401
+                                    open_out, remove_stale_temporaries, run_meta, write_meta)
+from facesense.infer.sinks import (ImageSink, Sink, VideoSink, annotate, check_display, show, tee,  # noqa: F401
+                                   to_bgr8, video_sink, write_image)
+from facesense.infer.sources import (ANNOTATED, IMAGE_EXTS, VIDEO_EXTS, Expanded, Source,  # noqa: F401
+                                     expand_sources, frames_total, load_frames, stream_name, video_frames,
+                                     video_info)
+from facesense.infer.tracks import Smoother, Tracker, TrackLog
 from pipeline.progress import Bar
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
 # Bytes of annotated frames waiting for their batch's predictions: a few VGA frames' worth of batching
 # for videos, while a 24 MP photo (72 MB as BGR) is drawn and written as soon as it is classified.
 MAX_HELD_BYTES = 64 * 2**20
-PREDICTIONS = "predictions.jsonl"
-ANNOTATED = "annotated"  # subfolder of --out for --save-annotated copies
-ANNOTATED_EXTS = IMAGE_EXTS + (".mp4",)  # what predict writes under annotated/ (and --overwrite deletes)
-# atomic_path's temporaries (.NAME.tmp-PID, .STEM.tmp-PID.SUFFIX) and FaceSense <= 79297b0's
-# .predictions.jsonl.partial-PID: the pid tells a live run's from a killed one's.
-TEMPORARY = re.compile(r"^\..+\.(?:tmp|partial)-(\d+)(?:\.[A-Za-z0-9]+)?$")
-VIDEO_SHORT_TOLERANCE = 1  # frames a container's stated count may exceed what decodes (MKV estimates it)
-VIDEO_FPS_UNKNOWN = 25.0  # annotated MP4 rate when the container states none
-
-Sink = Callable[[np.ndarray], None]  # takes a source's annotated BGR frames, in order
-
-
-@dataclass
-class Source:
-    path: str  # as given (folder members: the folder as given / relative path)
-    kind: str  # "image" or "video"
-    rel: str  # name of its annotated copy under DIR/annotated/
+VIDEO_FPS_UNKNOWN = 25.0  # annotated MP4 rate when the container states none (and for streams)
 
 
 @dataclass
@@ -82,14 +67,18 @@ class PredictOptions:
     batch_size: int = 64  # crops per model call
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     overwrite: bool = False  # replace an earlier run's predictions.jsonl and annotated files in --out
+    smooth: int = 1  # a track's label from its last N sampled frames' mean probabilities (1: the frame's own)
+    max_frames: int | None = None  # sampled frames read per video or stream at most
+    show: bool = False  # annotated frames in a window as they are classified
 
     def check(self) -> None:
         """One-line FaceSenseError for an option out of range (--min-face is the detector's to check)."""
         if self.detector not in DETECTORS:
             raise FaceSenseError(f"--detector {self.detector!r}: expected one of {', '.join(DETECTORS)}")
-        for name in ("vid_stride", "batch_size"):
-            if getattr(self, name) < 1:
-                raise FaceSenseError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("vid_stride", "batch_size", "smooth", "max_frames"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FaceSenseError(f"--{name.replace('_', '-')} {value}: must be at least 1")
         if not -0.4 <= self.margin <= 2:
             raise FaceSenseError(f"--margin {self.margin}: expected -0.4 to 2 (fraction of the face box side "
                                  f"added on each side; negative crops inside the box)")
@@ -107,6 +96,8 @@ class PredictSummary:
     no_face: int = 0  # pictures / sampled frames without a face
     labels: Counter = field(default_factory=Counter)  # faces per label
     videos: dict = field(default_factory=dict)  # video source -> {label: faces}, from its first frame on
+    tracks: dict = field(default_factory=dict)  # video source -> {track id: TrackLog}
+    untimed: set = field(default_factory=set)  # videos whose tracks are told in frames (no frame rate)
     ignored: int = 0  # files in folders that are neither images nor videos
     seconds: float = 0.0
 
@@ -116,268 +107,34 @@ class PredictSummary:
         self.no_face += not faces
         if index is not None:  # a video frame
             self.videos.setdefault(source, Counter())
+            self.tracks.setdefault(source, {})
 
     def count_face(self, rec: dict) -> None:
         """A face record once labelled."""
         self.labels[rec["label"]] += 1
         if rec["frame"] is not None:
             self.videos[rec["source"]][rec["label"]] += 1
+            when = rec.get("time_s")
+            if when is None:
+                self.untimed.add(rec["source"])
+                when = rec["frame"]
+            log = self.tracks[rec["source"]].setdefault(rec["track"], TrackLog(when, when))
+            log.see(when, rec["label"])
 
 
-@dataclass
-class Expanded:
-    """What the SRC arguments name: sources in order, one error per unusable SRC, and what was left out."""
-
-    sources: list[Source] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    ignored: int = 0  # files in folders that are neither images nor videos (FIFOs and sockets included)
-    warnings: list[str] = field(default_factory=list)
-
-
-def expand_sources(srcs: list[str], out: Path | None = None) -> Expanded:
-    """Sources in order; `out`'s annotated/ (predict's own output) is never among them."""
-    found = Expanded()
-    own = _real(out / ANNOTATED) if out is not None else None
-    supported = IMAGE_EXTS + VIDEO_EXTS
-    for src in srcs:
-        p = Path(src)
-        if own is not None and _real(p).is_relative_to(own):
-            found.errors.append(f"{src}: inside {out / ANNOTATED}, this run's own output; not read")
-        elif p.is_dir():
-            _expand_folder(src, p, own, found)
-        elif p.is_file():
-            if p.suffix.lower() not in supported:
-                found.errors.append(f"{src}: not an image ({', '.join(IMAGE_EXTS)}) or video "
-                                    f"({', '.join(VIDEO_EXTS)})")
-            else:
-                found.sources.append(Source(src, _kind(p), p.name))
-        else:
-            found.errors.append(f"{src}: {_not_a_file(p)}")
-    return found
-
-
-def _expand_folder(src: str, p: Path, own: Path | None, found: Expanded) -> None:
-    """A folder's pictures and videos, recursively in sorted order; `own` (--out/annotated) skipped."""
-    supported = IMAGE_EXTS + VIDEO_EXTS
-    entries = sorted(f for f in p.rglob("*") if not f.is_dir())
-    skipped = [f for f in entries if own is not None and _real(f).is_relative_to(own)]
-    if skipped:  # e.g. `predict SRC --out SRC --save-annotated` run twice: never classify our own copies
-        found.warnings.append(f"{src}: skipped {own} ({len(skipped)} files), predict's own output; "
-                              f"it is never read")
-        entries = sorted(set(entries) - set(skipped))
-    files = [f for f in entries if f.is_file()]  # FIFOs, sockets, broken links: never opened
-    members = [f for f in files if f.suffix.lower() in supported]
-    found.ignored += len(entries) - len(members)
-    if not members:
-        found.errors.append(f"{src}: no images ({', '.join(IMAGE_EXTS)}) or videos ({', '.join(VIDEO_EXTS)}) in it")
-    for f in members:
-        rel = f.relative_to(p).as_posix()
-        found.sources.append(Source(os.path.join(src, rel), _kind(f), f"{p.resolve().name}/{rel}"))
-
-
-def _real(p: Path) -> Path:
-    """The path with symlinks resolved; unlike Path.resolve never raises, not even on a symlink loop."""
-    return Path(os.path.realpath(p))
-
-
-def _not_a_file(p: Path) -> str:
-    """Why an SRC that is neither a regular file nor a folder is not read: say what it is."""
-    try:
-        mode = p.stat().st_mode
-    except OSError as exc:
-        if p.is_symlink():
-            return "a symbolic link loop" if exc.errno == errno.ELOOP else "a broken symbolic link"
-        return "no such file or folder" if isinstance(exc, FileNotFoundError) else f"cannot read ({exc.strerror})"
-    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
-    return f"{kind}, not an image, video or folder; not read"
-
-
-def _kind(path: Path) -> str:
-    return "video" if path.suffix.lower() in VIDEO_EXTS else "image"
-
-
-def load_frames(src: Source, stride: int, warn: Callable[[str], None] = lambda message: None
-                ) -> Iterator[tuple[int | None, float | None, np.ndarray]]:
-    """(frame index, time in s, decoded picture) for each frame to classify; an image is one frame (None, None, it).
-
-    FaceSenseError naming the source when it cannot be read; `warn` hears of a video cut short.
-    """
-    if src.kind == "image":
-        yield None, None, read_image(src.path)
-    else:
-        yield from video_frames(src.path, stride, warn)
-
-
-def video_frames(path: str, stride: int, warn: Callable[[str], None] = lambda message: None):
-    """(frame index, time in s, BGR frame) for every stride'th frame; FaceSenseError if none decodes.
-
-    A video that ends before the frame count its container states (a truncated AVI or MKV still
-    opens and decodes up to the cut) is reported to `warn`: its lines cover only the frames before it.
-    """
-    import cv2
-
-    cap = cv2.VideoCapture(path)
-    if not cap.isOpened():
-        raise FaceSenseError(f"{path}: cannot open as a video (broken file or unsupported codec)")
-    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-    stated = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
-    index = 0
-    try:
-        while True:
-            if index % stride == 0:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                yield index, round(index / fps, 3) if fps > 0 else None, frame
-            elif not cap.grab():  # skipped frames are demuxed/decoded but not converted
-                break
-            index += 1
-    finally:
-        cap.release()
-    if index == 0:
-        raise FaceSenseError(f"{path}: no frame could be decoded (broken or empty video)")
-    if index + VIDEO_SHORT_TOLERANCE < stated:
-        warn(f"{path}: ends after {index} of the {stated} frames its container states (truncated or damaged "
-             f"file?); only those {index} were read")
-
-
-def video_info(path: str) -> tuple[float, int]:
-    """(frames per second, frame count as the container states it; 0 when unknown)."""
-    import cv2
-
-    cap = cv2.VideoCapture(path)
-    try:
-        return (cap.get(cv2.CAP_PROP_FPS) or 0.0), max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
-    finally:
-        cap.release()
-
-
-def frame_records(source: str, index: int | None, time_s: float | None, boxes: list) -> list[dict]:
-    """A frame's lines, label and probs still unset: one per box, or one with box null when no face."""
+def frame_records(source: str, index: int | None, time_s: float | None, boxes: list,
+                  tracks: list[int] | None = None) -> list[dict]:
+    """A frame's lines, label and probs still unset: one per box, or one with box null when no face;
+    video lines carry their track id (null on a face-less line)."""
     base = {"source": source, "frame": index}
     if index is not None:
         base["time_s"] = time_s
-    return [{**base, "box": list(b), "label": None, "probs": None} for b in boxes] or \
+    recs = [{**base, "box": list(b), "label": None, "probs": None} for b in boxes] or \
         [{**base, "box": None, "label": None, "probs": None}]
-
-
-def to_bgr8(image: np.ndarray) -> np.ndarray:
-    """A decoded picture as an 8-bit BGR image to draw on: an 8-bit BGR one itself, not a copy (the
-    caller has no further use for it, and a 24 MP frame held twice is 72 MB more)."""
-    import cv2
-
-    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4):
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR) if image.shape[2] == 4 else image
-    return cv2.cvtColor(to_gray(image), cv2.COLOR_GRAY2BGR)
-
-
-def annotate(image: np.ndarray, records: list[dict]) -> np.ndarray:
-    """Boxes and "label 87%" drawn onto a BGR copy."""
-    import cv2
-
-    thick = max(1, round(max(image.shape[:2]) / 400))
-    for rec in records:
-        if rec["box"] is None:
-            continue
-        x1, y1, x2, y2 = rec["box"]
-        text = f"{rec['label']} {rec['probs'][rec['label']]:.0%}"
-        cv2.rectangle(image, (x1, y1), (x2, y2), (0, 255, 0), thick + 1)
-        scale = max(0.4, (x2 - x1) / 200)
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-        ty = y1 - 4 if y1 - th - base - 4 >= 0 else y2 + th + 4  # above the box, or below at the top edge
-        cv2.rectangle(image, (x1, ty - th - 4), (x1 + tw + 4, ty + base), (0, 255, 0), -1)
-        cv2.putText(image, text, (x1 + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
-    return image
-
-
-def write_image(path: Path, image: np.ndarray) -> None:
-    """Encode by `path`'s suffix and write it whole (atomic)."""
-    import cv2
-
-    make_parent(path)
-    ok, data = cv2.imencode(path.suffix, image)
-    if not ok:
-        raise FaceSenseError(f"{path}: cannot encode the annotated image")
-    write_bytes(path, data.tobytes())
-
-
-def make_parent(path: Path) -> None:
-    """`path`'s folder, made if missing; one FaceSenseError line when it cannot be (read-only, a file)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FaceSenseError(f"{path}: cannot create its folder {exc.filename or path.parent} "
-                             f"({exc.strerror or exc})") from exc
-
-
-class ImageSink:
-    """An image source's annotated copy. It is written when its batch is classified, possibly while a
-    later source is being read, so its error is reported here, under its own name.
-
-    `name()` gives its path on that first write: a picture that could not be read takes no name
-    (sinks are called in source order, so the names are those a picture-by-picture run gives).
-    """
-
-    def __init__(self, name: Callable[[], Path], report: Callable[[str], None]):
-        self.name, self.report = name, report
-
-    def __call__(self, image: np.ndarray) -> None:
-        try:
-            write_image(self.name(), image)
-        except FaceSenseError as exc:
-            self.report(str(exc))
-
-
-class VideoSink:
-    """A video's annotated frames -> the MP4 at `tmp`; the first error is kept for `video_sink` to raise."""
-
-    def __init__(self, tmp: Path, path: Path, fps: float):
-        self.tmp, self.path, self.fps = tmp, path, fps
-        self.writer, self.error, self.closed = None, None, False
-
-    def __call__(self, frame: np.ndarray) -> None:
-        if self.closed or self.error is not None:  # a failed or finished video takes no more frames
-            return
-        if self.writer is None:
-            try:
-                self.writer = self._open(frame.shape[1], frame.shape[0])
-            except FaceSenseError as exc:
-                self.error = exc
-                return
-            if not self.writer.isOpened():
-                self.error = FaceSenseError(f"{self.path}: OpenCV cannot write an MP4 here")
-                return
-        self.writer.write(frame)
-
-    def _open(self, width: int, height: int):
-        import cv2
-
-        make_parent(self.path)
-        return cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
-
-    def release(self) -> None:
-        self.closed = True
-        if self.writer is not None:
-            self.writer.release()
-
-
-@contextmanager
-def video_sink(path: Path, fps: float, drain: Callable[[], None]) -> Iterator[VideoSink]:
-    """A VideoSink whose MP4 replaces `path` only when the whole video went in; removed on any failure.
-
-    `drain` (the batcher's flush) runs before the file is completed: held frames reach it first.
-    """
-    with atomic_path(path, keep_suffix=True) as tmp:  # keep_suffix: OpenCV picks the container by it
-        sink = VideoSink(tmp, path, fps)
-        try:
-            yield sink
-            drain()
-        finally:
-            sink.release()
-        if sink.error is not None:
-            raise sink.error
+    if tracks is not None:
+        for rec, track in zip(recs, list(tracks) + [None]):  # the face-less line's track is null
+            rec["track"] = track
+    return recs
 
 
 @dataclass
@@ -389,23 +146,24 @@ class _Held:
     crops: np.ndarray  # (len(faces), 48, 48) uint8
     image: np.ndarray | None = None  # BGR copy to draw on, given with its sink
     sink: Sink | None = None
+    smoother: Smoother | None = None  # its video's, when its labels are smoothed
 
 
 class Batcher:
     """Crops wait here for a full batch; records are written (and frames annotated) in arrival order."""
 
-    def __init__(self, classifier, out_file, batch_size: int, on_face: Callable[[dict], None]):
-        self.classifier, self.out_file, self.batch_size, self.on_face = classifier, out_file, batch_size, on_face
+    def __init__(self, recognizer, out_file, batch_size: int, on_face: Callable[[dict], None]):
+        self.recognizer, self.out_file, self.batch_size, self.on_face = recognizer, out_file, batch_size, on_face
         self.pending: list[_Held] = []
         self.n_crops = self.held_bytes = 0
 
     def add(self, records: list[dict], crops: np.ndarray, image: np.ndarray | None = None,
-            sink: Sink | None = None) -> None:
+            sink: Sink | None = None, smoother: Smoother | None = None) -> None:
         """One frame's records and the crops of those with a box; `image` goes to `sink` once annotated."""
         faces = [rec for rec in records if rec["box"] is not None]
         if len(faces) != len(crops):
             raise ValueError(f"{len(faces)} face records but {len(crops)} crops")
-        self.pending.append(_Held(records, faces, crops, image, sink))
+        self.pending.append(_Held(records, faces, crops, image, sink, smoother))
         self.n_crops += len(crops)
         self.held_bytes += image.nbytes if image is not None else 0
         if self.n_crops >= self.batch_size or self.held_bytes >= MAX_HELD_BYTES:
@@ -416,13 +174,13 @@ class Batcher:
         pending, self.pending, self.n_crops, self.held_bytes = self.pending, [], 0, 0  # taken first: never twice
         crops = [held.crops for held in pending if len(held.crops)]
         if not crops:
-            probs = np.empty((0, len(self.classifier.classes)))
+            probs = np.empty((0, len(self.recognizer.classes)))
         else:
-            probs = self.classifier.probs(np.concatenate(crops))
+            probs = self.recognizer.classify(np.concatenate(crops))
         ends = np.cumsum([len(held.crops) for held in pending])
         for held, end in zip(pending, ends):
             for rec, p in zip(held.faces, probs[end - len(held.crops):end], strict=True):
-                self._label(rec, p)
+                self._label(rec, p, held.smoother)
         lines = [json.dumps(rec) for held in pending for rec in held.records]
         if lines:
             self.out_file.write("\n".join(lines) + "\n")
@@ -430,10 +188,15 @@ class Batcher:
             if held.image is not None:
                 held.sink(annotate(held.image, held.records))
 
-    def _label(self, rec: dict, p: np.ndarray) -> None:
-        classes = self.classifier.classes
+    def _label(self, rec: dict, p: np.ndarray, smoother: Smoother | None) -> None:
+        """Label and probs from p; a tracked face with smoothing on takes its track's smoothed label."""
+        classes = self.recognizer.classes
         rec["label"] = classes[int(p.argmax())]
         rec["probs"] = {name: round(float(v), 6) for name, v in zip(classes, p)}
+        if smoother is not None:
+            smoothed = smoother(rec["track"], p)
+            rec["frame_label"], rec["label"] = rec["label"], classes[int(smoothed.argmax())]
+            rec["smooth_probs"] = {name: round(float(v), 6) for name, v in zip(classes, smoothed)}
         self.on_face(rec)
 
 
@@ -459,46 +222,60 @@ class FrameBar(Bar):
         self.update(advance=1, fps=f"{self.frames / dt:,.1f}", faces=f"{self.faces / dt:,.1f}")
 
 
-def frames_total(sources: list[Source], stride: int) -> int:
-    """Frames a run will classify, from the containers' frame counts (0 where a video states none)."""
-    return sum(1 if s.kind == "image" else -(-video_info(s.path)[1] // stride) for s in sources)
-
-
 class _Run:
-    """One predict run: each source's frames -> detector -> batcher, and the source's sink."""
+    """One predict run: each source's frames -> detector -> tracks -> batcher, and the source's sink."""
 
-    def __init__(self, opts: PredictOptions, detector, batcher: Batcher, bar: FrameBar, summary: PredictSummary,
+    def __init__(self, opts: PredictOptions, recognizer, batcher: Batcher, bar: FrameBar, summary: PredictSummary,
                  out: Path, say: _Say):
-        self.opts, self.detector, self.batcher, self.bar = opts, detector, batcher, bar
+        self.opts, self.recognizer, self.batcher, self.bar = opts, recognizer, batcher, bar
         self.summary, self.out, self.report, self.warn = summary, out, say.error, say.warning
         self.taken: set[str] = set()  # annotated names given out so far
+        self.stopped = False  # a stream was interrupted: the run ends there, keeping its lines
 
     def source(self, src: Source) -> None:
         """Every frame of `src`; its failure is reported and the run goes on."""
         self.bar.source(src)
+        video = src.kind != "image"
+        tracker = Tracker() if video else None
+        smoother = Smoother(self.opts.smooth) if video and self.opts.smooth > 1 else None
         try:
-            with self.open_sink(src) as sink:
-                for index, time_s, image in load_frames(src, self.opts.vid_stride, self.warn):
-                    self.frame(src, index, time_s, image, sink)
+            with self.open_sink(src) as sink, \
+                    closing(load_frames(src, self.opts.vid_stride, self.warn, self.opts.max_frames)) as frames:
+                try:
+                    for index, time_s, image in frames:
+                        self.frame(src, index, time_s, image, sink, tracker, smoother)
+                except KeyboardInterrupt:
+                    if src.kind != "stream":
+                        raise  # a file's run is all or nothing: atomic_path removes what it began
+                    self.stopped = True
+                    self.warn(f"{stream_name(src.path)}: stopped (interrupted); its lines so far are kept")
         except FaceSenseError as exc:
             self.report(str(exc))
 
     def frame(self, src: Source, index: int | None, time_s: float | None, image: np.ndarray,
-              sink: Sink | None) -> None:
-        boxes, crops = find_faces(to_gray(image), self.detector, self.opts.margin)
+              sink: Sink | None, tracker: Tracker | None, smoother: Smoother | None) -> None:
+        boxes, crops = self.recognizer.detect(image)
         self.summary.count_frame(src.path, index, len(boxes))
-        records = frame_records(src.path, index, time_s, boxes)
-        self.batcher.add(records, crops, to_bgr8(image) if sink else None, sink)
+        records = frame_records(src.path, index, time_s, boxes, tracker.update(boxes) if tracker else None)
+        self.batcher.add(records, crops, to_bgr8(image) if sink else None, sink, smoother)
+        if src.kind == "stream":  # a live stream's lines are written as they come: a stop loses nothing
+            self.batcher.flush()
+            self.batcher.out_file.flush()
         self.bar.frame(len(boxes))
 
+    @contextmanager
     def open_sink(self, src: Source):
-        """The source's sink, chosen once, as a context manager: None, an ImageSink or a VideoSink."""
+        """The source's sink, chosen once: None, an ImageSink or a VideoSink, and/or the --show window."""
+        shown = show if self.opts.show else None
         if not self.opts.save_annotated:
-            return nullcontext(None)
-        if src.kind == "image":
-            return nullcontext(ImageSink(lambda: self.annotated_path(src, Path(src.path).suffix), self.report))
-        fps = (video_info(src.path)[0] or VIDEO_FPS_UNKNOWN) / self.opts.vid_stride  # the sampled rate
-        return video_sink(self.annotated_path(src, ".mp4"), fps, drain=self.batcher.flush)
+            yield shown
+        elif src.kind == "image":
+            yield tee(ImageSink(lambda: self.annotated_path(src, Path(src.path).suffix), self.report), shown)
+        else:
+            rate = video_info(src.path)[0] if src.kind == "video" else 0.0  # a camera's stated rate is nominal
+            fps = (rate or VIDEO_FPS_UNKNOWN) / self.opts.vid_stride  # the sampled rate
+            with video_sink(self.annotated_path(src, ".mp4"), fps, drain=self.batcher.flush) as sink:
+                yield tee(sink, shown)
 
     def annotated_path(self, src: Source, suffix: str) -> Path:
         """DIR/annotated/<name>, unique within the run (a second photo.jpg becomes photo_1.jpg)."""
@@ -530,17 +307,20 @@ def predict(srcs: list[str], model: Path, out: Path, opts: PredictOptions, progr
             console=None) -> PredictSummary:
     """Run the model over every source; errors per source go into summary.failed (and to the console).
 
-    Every check (options, --out, --model) passes before anything in --out is deleted or written.
+    Every check (options, display, --out, --model) passes before anything in --out is deleted or written.
     """
     from rich.console import Console
 
-    from facesense.infer.classifier import load_classifier
+    from facesense.infer.recognizer import Recognizer
 
     opts.check()
-    detector = HaarDetector(opts.min_face) if opts.detector == "haar" else None
+    if opts.show:
+        check_display()
     out = require_dir(out)
     earlier = earlier_outputs(out, opts.overwrite)
-    classifier = load_classifier(model, opts.device)  # a wrong --model fails here, before any work
+    # the API's own object: a wrong --model (or --min-face) fails here, before any work
+    recognizer = Recognizer(model, opts.device, detector=opts.detector, min_face=opts.min_face, margin=opts.margin,
+                            batch_size=opts.batch_size)
     found = expand_sources(srcs, out)
     summary = PredictSummary(sources=len(found.sources) + len(found.errors), ignored=found.ignored)
     console = console or Console(stderr=True, highlight=False)
@@ -550,84 +330,25 @@ def predict(srcs: list[str], model: Path, out: Path, opts: PredictOptions, progr
     for message in found.warnings:
         say.warning(message)
     open_out(out, earlier)
-    show = progress and console.is_terminal
+    show_bar = progress and console.is_terminal
+    total = frames_total(found.sources, opts.vid_stride, opts.max_frames) if show_bar else None
     start = time.perf_counter()
-    with atomic_path(out / PREDICTIONS) as tmp, open(tmp, "w") as fh, \
-            FrameBar(show, console, frames_total(found.sources, opts.vid_stride) if show else None) as bar:
-        batcher = Batcher(classifier, fh, opts.batch_size, summary.count_face)
-        run = _Run(opts, detector, batcher, bar, summary, out, say)
-        for src in found.sources:
+    with atomic_path(out / PREDICTIONS) as tmp, open(tmp, "w") as fh, FrameBar(show_bar, console, total) as bar:
+        batcher = Batcher(recognizer, fh, opts.batch_size, summary.count_face)
+        run = _Run(opts, recognizer, batcher, bar, summary, out, say)
+        for k, src in enumerate(found.sources):
             run.source(src)
+            if run.stopped and k + 1 < len(found.sources):
+                say.warning(f"the {len(found.sources) - k - 1} sources after it were not read")
+                break
         batcher.flush()
     summary.seconds = time.perf_counter() - start
+    write_meta(out, run_meta(recognizer, opts, srcs))
     return summary
 
 
-def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
-    """An earlier run's predictions.jsonl and annotated pictures/videos in `out`: refused unless
-    `overwrite` (then returned, for `open_out` to delete once every other check has passed)."""
-    found = [out / PREDICTIONS] if (out / PREDICTIONS).is_file() else []
-    annotated = sorted(f for f in (out / ANNOTATED).rglob("*") if f.is_file() and not f.is_symlink()
-                       and f.suffix.lower() in ANNOTATED_EXTS and not TEMPORARY.match(f.name))
-    found += annotated
-    if found and not overwrite:
-        what = []
-        if (out / PREDICTIONS) in found:
-            with open(out / PREDICTIONS, "rb") as fh:
-                lines = sum(1 for _ in fh)
-            what.append(f"{PREDICTIONS} ({lines} line{'s' * (lines != 1)})")
-        if annotated:
-            what.append(f"{len(annotated)} annotated file{'s' * (len(annotated) != 1)}")
-        raise FaceSenseError(f"--out {out}: holds an earlier run's {' and '.join(what)}; --overwrite replaces "
-                             f"them (deleting those files only), or choose another --out")
-    return found
-
-
-def open_out(out: Path, earlier: list[Path]) -> None:
-    """`out` made, a killed run's temporaries removed, `earlier` (see earlier_outputs) deleted."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FaceSenseError(f"--out {out}: cannot create {exc.filename or out} ({exc.strerror or exc}); "
-                             f"choose another --out") from exc
-    remove_stale_temporaries(out)
-    try:
-        for path in earlier:
-            path.unlink(missing_ok=True)
-        for folder in sorted({p.parent for p in earlier if p.parent != out}, key=lambda p: -len(p.parts)):
-            while folder != out and folder.is_dir() and not any(folder.iterdir()):  # its files were ours
-                folder.rmdir()
-                folder = folder.parent
-    except OSError as exc:
-        raise FaceSenseError(f"--out {out}: cannot delete the earlier run's {exc.filename} "
-                             f"({exc.strerror or exc})") from exc
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Delete the temporaries that runs into `out` killed outright left (their pid is gone): in `out`
-    and under its annotated/. A live run's (another predict into the same DIR) are left alone."""
-    folders = [out] + [Path(root) for root, _, _ in os.walk(out / ANNOTATED)]
-    for folder in folders:
-        for path in folder.iterdir():
-            match = TEMPORARY.match(path.name)
-            if match and path.is_file() and _pid_gone(int(match.group(1))):
-                path.unlink(missing_ok=True)
-
-
-def _pid_gone(pid: int) -> bool:
-    if pid == os.getpid():  # ours: atomic_path removes its own; one here is in use
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # exists, someone else's
-        return False
-    return False
-
-
 def summary_lines(summary: PredictSummary, out: Path) -> list[str]:
-    """The short summary printed at the end: faces per label, each video's dominant emotion."""
+    """The short summary printed at the end: faces per label, each video's dominant emotion and tracks."""
     rate = summary.frames / summary.seconds if summary.seconds else 0.0
     lines = [f"{summary.faces} faces in {summary.frames} pictures/frames ({summary.no_face} without a face) "
              f"from {summary.sources - len(summary.failed)} of {summary.sources} sources, "
@@ -637,7 +358,10 @@ def summary_lines(summary: PredictSummary, out: Path) -> list[str]:
     for video, counts in summary.videos.items():
         if counts:
             label, n = counts.most_common(1)[0]
+            tracks = summary.tracks.get(video, {})
             lines.append(f"{video}: dominant emotion {label} ({n} of {sum(counts.values())} faces)")
+            unit = "frames" if video in summary.untimed else "s"
+            lines += [log.line(track, unit) for track, log in sorted(tracks.items())]
         elif not any(msg.startswith(f"{video}:") for msg in summary.failed):
             lines.append(f"{video}: no faces found")
     if summary.ignored:

@@ -143,7 +143,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             print(f"best val accuracy {top['val_accuracy']:.4f} (epoch {top['epoch']}); "
                   f"checkpoints in {run.out}/ (best.pt, last.pt)")
         return TrainResult(run.model, run.ema.module if run.ema else None, run.history, run.best)
-    except torch.distributed.DistError as exc:  # a peer gone, a broken link: one line, naming this rank
+    except (torch.distributed.DistError, RuntimeError) as exc:  # a peer gone, a broken link: one line
+        if not rt.distributed:  # gloo reports a broken link as a plain RuntimeError
+            raise
         raise FaceSenseError(f"rank {rt.rank}: {type(exc).__name__}: {first_line(exc)}") from exc
     finally:
         if run is not None:
@@ -239,20 +241,30 @@ def check_data(cfg: TrainConfig, rt: runtime.Runtime) -> tuple[dict, dict]:
     return manifest, {s: rundata.data_identity(cfg.data, manifest, s) for s in ("train", "val")}
 
 
-def resume_mode(cfg: TrainConfig) -> str:
+def resume_mode(cfg: TrainConfig, restarted: bool) -> str:
     """--resume as given; a torchrun restart (its workers get the same arguments) implies auto."""
-    if cfg.resume == "no" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return "auto"
-    return cfg.resume
+    return "auto" if cfg.resume == "no" and restarted else cfg.resume
 
 
 def resume_from(cfg: TrainConfig, rt: runtime.Runtime, out: Path, manifest: dict, data_id: dict) -> dict | None:
     """The checkpoint to resume from (after checking it fits this run), or None for a new run.
 
     Rank 0 decides and every rank follows: each then loads the same last.pt, which must be on
-    storage every node sees.
+    storage every node sees. A restart counts when any rank's agent restarted it: an agent whose
+    workers were restarted because a peer failed keeps its own count at 0.
     """
-    resume = runtime.on_all_ranks(rt, lambda: wants_resume(resume_mode(cfg), out, cfg.overwrite) if rt.is_main else None)
+    last = out / "last.pt"
+    seen = runtime.gather_rank_states(rt, {"restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                                           "last": last.is_file(), "path": str(last)})
+    sighted = [rank for rank, s in enumerate(seen) if s["last"]]
+    blind = [rank for rank, s in enumerate(seen) if not s["last"]]
+    if sighted and blind:  # some ranks see a last.pt that others do not: --out is not one storage
+        b, s = seen[blind[0]], seen[sighted[0]]
+        raise FaceSenseError(f"--out: rank {blind[0]} cannot see {b['path']}, the last.pt rank {sighted[0]} sees "
+                             f"({s['path']} there); --out must be on storage every node sees (a shared file "
+                             f"system)")
+    mode = resume_mode(cfg, any(s["restarts"] > 0 for s in seen))
+    resume = runtime.on_all_ranks(rt, lambda: wants_resume(mode, out, cfg.overwrite) if rt.is_main else None)
     if not runtime.broadcast(rt, resume):
         return None
     return runtime.on_all_ranks(rt, lambda: load_resumable(cfg, rt, out, manifest, data_id))
