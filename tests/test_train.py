@@ -365,3 +365,15 @@ def test_ranks_started_with_different_options_stop_with_one_line(data, tmp_path)
         last = [line for line in stderr.splitlines() if line.strip()][-1]
         assert "--lr" in last and "every node must run the same command" in last and last.startswith("error:"), last
     assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_resume_auto_starts_continues_and_never_replaces(data, tmp_path):
+    out = tmp_path / "run"
+    first = invoke(train_args(data, out, "--max-steps", "6", "--resume", "auto"))  # nothing there: a new run
+    assert first.exit_code == 0, first.output
+    again = invoke(train_args(data, out, "--resume", "auto"))  # last.pt there (epoch 1 done): continued
+    assert again.exit_code == 0, again.output
+    assert [r["epoch"] for r in rows(out)] == [1, 2] and again.output.count("epoch 1/") == 0
+    (out / "last.pt").unlink()  # best.pt alone is still a run: auto does not replace it
+    refused = invoke(train_args(data, out, "--resume", "auto"))
+    assert refused.exit_code == 1 and "--resume auto never replaces one" in refused.output
