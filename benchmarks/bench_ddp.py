@@ -33,7 +33,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks.env import ROOT, child_env, write_result  # noqa: E402
+from benchmarks.env import ROOT, child_env, with_train_batch_hook, write_result  # noqa: E402
 
 TINY = "test_efficientnet"  # the tests' ~100k-parameter timm EfficientNet
 CONFIGS = ((1, 1), (1, 2), (2, 1))  # (processes, threads per process)
@@ -136,26 +136,14 @@ def train_worker(args: list[str]) -> None:
     kill = attempt == "0" and rank == os.environ.get("BENCH_KILL_RANK", "1") and kill_after > 0
     import pipeline.loaders as loaders
 
-    make_loader = loaders.make_loader
+    def on_batch(loader, n, images, labels):
+        if kill and n > kill_after:
+            note("kill", batch=n)
+            os.kill(os.getpid(), signal.SIGKILL)
+        note("batch", batch=n)
+        return images, labels
 
-    def timed_make_loader(data, split, cfg, device, *rest):
-        loader = make_loader(data, split, cfg, device, *rest)
-        if cfg.train:
-            inner, handed = type(loader).__iter__, [0]
-
-            def iterate(self):
-                for batch in inner(self):
-                    handed[0] += 1
-                    if kill and handed[0] > kill_after:
-                        note("kill", batch=handed[0])
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    note("batch", batch=handed[0])
-                    yield batch
-
-            loader.__class__ = type("Timed" + type(loader).__name__, (type(loader),), {"__iter__": iterate})
-        return loader
-
-    loaders.make_loader = timed_make_loader
+    loaders.make_loader = with_train_batch_hook(loaders.make_loader, on_batch)
     from facesense.cli import main
 
     sys.argv = ["facesense", *args]

@@ -212,3 +212,23 @@ def child_env() -> dict:
 def write_result(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**payload, **environment()}, indent=1) + "\n")
+
+
+def with_train_batch_hook(make_loader, on_batch):
+    """`make_loader` whose training loaders pass every batch through `on_batch(loader, n, images, labels)`
+    (n counts from 1 across epochs) before the loop gets it: what the restart benchmark and the fault
+    tests use to time, poison or kill a run at a known batch. Eval loaders are left alone."""
+    def hooked(data, split, cfg, device, *rest):
+        loader = make_loader(data, split, cfg, device, *rest)
+        if cfg.train:
+            inner, handed = type(loader).__iter__, [0]
+
+            def iterate(self):
+                for images, labels in inner(self):
+                    handed[0] += 1
+                    yield on_batch(self, handed[0], images, labels)
+
+            loader.__class__ = type("Hooked" + type(loader).__name__, (type(loader),), {"__iter__": iterate})
+        return loader
+
+    return hooked

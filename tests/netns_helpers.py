@@ -209,27 +209,16 @@ def _install_kill_hook() -> None:
     if not what or not after or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     import pipeline.loaders as loaders
+    from benchmarks.env import with_train_batch_hook
 
-    make_loader = loaders.make_loader
+    def on_batch(loader, n, images, labels):
+        if n > after:
+            if what == "host":
+                os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return images, labels
 
-    def killing_make_loader(data, split, cfg, device, *rest):
-        loader = make_loader(data, split, cfg, device, *rest)
-        if cfg.train:
-            inner, handed = type(loader).__iter__, [0]
-
-            def iterate(self):
-                for batch in inner(self):
-                    handed[0] += 1
-                    if handed[0] > after:
-                        if what == "host":
-                            os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    yield batch
-
-            loader.__class__ = type("Killing" + type(loader).__name__, (type(loader),), {"__iter__": iterate})
-        return loader
-
-    loaders.make_loader = killing_make_loader
+    loaders.make_loader = with_train_batch_hook(loaders.make_loader, on_batch)
 
 
 if __name__ == "__main__":

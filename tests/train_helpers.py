@@ -68,22 +68,10 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 def wrap_train_batches(monkeypatch, transform) -> None:
     """Every training loader made from now on passes its batches through transform(loader, images, labels)."""
     import pipeline.loaders as loaders
+    from benchmarks.env import with_train_batch_hook
 
-    make_loader = loaders.make_loader
-
-    def wrapped(data_dir, split, cfg, device, *rest):
-        loader = make_loader(data_dir, split, cfg, device, *rest)
-        if cfg.train:
-            inner = type(loader).__iter__
-
-            def iterate(self):
-                for images, labels in inner(self):
-                    yield transform(self, images, labels)
-
-            loader.__class__ = type("Wrapped" + type(loader).__name__, (type(loader),), {"__iter__": iterate})
-        return loader
-
-    monkeypatch.setattr(loaders, "make_loader", wrapped)
+    monkeypatch.setattr(loaders, "make_loader", with_train_batch_hook(
+        loaders.make_loader, lambda loader, n, images, labels: transform(loader, images, labels)))
 
 
 def child_env(**extra: str) -> dict:
@@ -111,25 +99,14 @@ def _install_hooks() -> None:
     dump = os.environ.get("FS_DUMP_WEIGHTS")
     if kill_after:
         import pipeline.loaders as loaders
+        from benchmarks.env import with_train_batch_hook
 
-        make_loader = loaders.make_loader
+        def kill(loader, n, images, labels):
+            if n > kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return images, labels
 
-        def killing_make_loader(data, split, cfg, device, *rest):
-            loader = make_loader(data, split, cfg, device, *rest)
-            if cfg.train:
-                inner, handed = type(loader).__iter__, [0]
-
-                def iterate(self):
-                    for batch in inner(self):
-                        handed[0] += 1
-                        if handed[0] > kill_after:
-                            os.kill(os.getpid(), signal.SIGKILL)
-                        yield batch
-
-                loader.__class__ = type("Killing" + type(loader).__name__, (type(loader),), {"__iter__": iterate})
-            return loader
-
-        loaders.make_loader = killing_make_loader
+        loaders.make_loader = with_train_batch_hook(loaders.make_loader, kill)
     if dump:
         import torch
 
