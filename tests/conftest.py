@@ -9,6 +9,7 @@ PNG files round-trip exactly; JPEG files only approximately.
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 
@@ -27,6 +28,13 @@ import pytest
 from PIL import Image
 
 from pipeline.classes import FER2013_CLASSES, SPLITS
+
+
+# A suite started in the background by a non-interactive shell (`make test &`, some CI runners)
+# inherits SIGINT ignored, and so does every process it starts: the Ctrl-C tests would then send
+# a signal that nobody hears. The tests stand for a user at a terminal, where Ctrl-C works.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SIDE = 48
 # One base grey level per FER2013 class index; 35 apart so noise of +-15 never blurs them.
