@@ -137,7 +137,7 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
             results.append({"mode": "video", "backend": name, "size": [640, 480], "frames": video_frames,
                             "faces": summary.faces, "frames_per_s": rate, "runs_frames_per_s": runs})
             console.print(f"video    {name:12s} 640x480 facesense predict: {rate:,.1f} frames/s")
-    results += api_and_tracking(model, faces, pictures, video_frames, repeats, console)
+        results += api_and_tracking(model, onnx_path, faces, pictures, video_frames, repeats, console)
     payload = {"benchmark": "predict", "results": results,
                "config": {"model": str(model), "data": str(data) if data else None, "batch_size": batch_size,
                           "photos": photos, "repeats": repeats, "video_frames": video_frames,
@@ -148,18 +148,20 @@ def run(model: Path, data: Path | None, batch_size: int, photos: int, repeats: i
     return payload
 
 
-def api_and_tracking(model: Path, faces: np.ndarray, pictures: list, video_frames: int, repeats: int,
-                     console) -> list[dict]:
+def api_and_tracking(model: Path, onnx_path: Path, faces: np.ndarray, pictures: list, video_frames: int,
+                     repeats: int, console) -> list[dict]:
     """The Python API in-process (`Recognizer`, numpy in): faces/s of `classify` at the batch size and of
     `rec(frame)`; and video tracking's cost: frames/s of detect + classify per frame without tracks, then
     the same frames through `rec.video` (tracks and smoothing) -- median of repeats each, interleaved."""
     from facesense.infer.recognizer import Recognizer
 
-    rec = Recognizer(model, "cpu", batch_size=len(faces))
-    rate, times = _median_rate(lambda: rec.classify(faces), len(faces), repeats, warmup=2)
-    rows = [{"mode": "api-classify", "backend": "pytorch", "batch_size": len(faces), "faces_per_s": rate,
-             "times_s": times}]
-    console.print(f"api      classify batch {len(faces)}: {rate:,.0f} faces/s")
+    rows = []
+    for name, path in (("onnxruntime", onnx_path), ("pytorch", model)):  # the checkpoint's Recognizer stays
+        rec = Recognizer(path, "cpu", batch_size=len(faces))
+        rate, times = _median_rate(lambda: rec.classify(faces), len(faces), repeats, warmup=2)
+        rows.append({"mode": "api-classify", "backend": name, "batch_size": len(faces), "faces_per_s": rate,
+                     "times_s": times})
+        console.print(f"api      classify {name:12s} batch {len(faces)}: {rate:,.0f} faces/s")
     found = sum(len(rec(p)) for p in pictures)
     rate, times = _median_rate(lambda: [rec(p) for p in pictures], len(pictures), repeats)
     rows.append({"mode": "api-frames", "backend": "pytorch", "size": [640, 480], "frames": len(pictures),

@@ -174,7 +174,7 @@ def test_bench_predict_json(tmp_path, ckpt):
     payload = json.loads(out.read_text())
     modes = [(r["mode"], r["backend"]) for r in payload["results"]]
     assert modes == [(m, b) for m in ("classify", "photos", "video") for b in ("pytorch", "onnxruntime")] + \
-        [("api-classify", "pytorch"), ("api-frames", "pytorch"), ("tracking", "pytorch")]
+        [("api-classify", "onnxruntime"), ("api-classify", "pytorch"), ("api-frames", "pytorch"), ("tracking", "pytorch")]
     rates = [r.get("faces_per_s") or r.get("photos_per_s") or r.get("frames_per_s")
              or r.get("frames_per_s_with_tracks") for r in payload["results"]]
     assert all(rate > 0 for rate in rates)
