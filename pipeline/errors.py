@@ -54,3 +54,11 @@ def mount_point(path: Path | str) -> str:
 def clip(text: str, limit: int = 40) -> str:
     """At most `limit` characters of user input, for an error line (a bad file can be one 2 MB line)."""
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def require_dir(path: Path | str, flag: str = "--out", error: type = FaceSenseError) -> Path:
+    """`path` as a Path, refusing (with `error`) one that exists and is not a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{flag} {path}: is a file, not a directory; choose another {flag}")
+    return path

@@ -25,7 +25,7 @@ import numpy as np
 from pipeline import csv_source, folders, forkpool
 from pipeline.classes import FER2013_CLASSES, FERPLUS_CLASSES, SPLITS
 from pipeline.duplicates import find_duplicates
-from pipeline.errors import BadItem, PackError, clip
+from pipeline.errors import BadItem, PackError, clip, require_dir
 from pipeline.ferplus import DROP, read_ferplus
 from pipeline.shards import FORMAT_VERSION, MANIFEST, sha256_file, split_entry, write_shard
 from pipeline.staging import staged_dir
@@ -124,8 +124,7 @@ def _check_out(src: Path, out: Path) -> None:
         raise PackError(f"--out {out} contains the source {src}; choose an --out outside the source")
     if src.is_dir() and src in out.parents:
         raise PackError(f"--out {out} is inside the source {src}; choose an --out outside the source")
-    if out.exists() and not out.is_dir():
-        raise PackError(f"--out {out}: is a file, not a directory; choose another --out")
+    require_dir(out, "--out", PackError)
 
 
 def _owned_files(out: Path) -> set[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from facesense.core.errors import FaceSenseError
+from pipeline.classes import FACE_SIZE
 
 try:
     import tomllib
@@ -64,7 +65,8 @@ class TrainConfig:
     zero_init: bool = opt(True, "random init only: zero each residual branch's last norm and the head (learns from "
                                 "step 1)")
     # input and augmentation (drawn per sample on the device; see kernels/spec.py)
-    img_size: int = opt(48, "network input side; 48 is native, larger sizes are resampled inside the augmentation")
+    img_size: int = opt(FACE_SIZE, "network input side; 48 is native, larger sizes are resampled inside the "
+                                   "augmentation")
     norm_mean: float = opt(0.5, "normalisation mean on the [0, 1] scale (all channels)")
     norm_std: float = opt(0.25, "normalisation std on the [0, 1] scale (all channels)")
     aug_flip_p: float = opt(0.5, "probability of a horizontal flip")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from facesense.core.errors import FaceSenseError
-from pipeline.errors import mount_point, no_space
+from pipeline.errors import mount_point, no_space, require_dir  # noqa: F401 (the one --out check)
 
 TMP_GLOB = ".*.tmp-*"  # what atomic_path's temporaries look like (a killed run's are removed by train)
 
@@ -63,11 +63,3 @@ def write_bytes(path: Path | str, data: bytes | str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
-
-
-def require_dir(path: Path | str, flag: str = "--out") -> Path:
-    """`path` as a Path, refusing one that exists and is not a directory."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FaceSenseError(f"{flag} {path}: is a file, not a directory; choose another {flag}")
-    return path

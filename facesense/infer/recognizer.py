@@ -28,6 +28,7 @@ from facesense.core.errors import FaceSenseError
 from facesense.infer.faces import (DEFAULT_MARGIN, DETECTORS, HaarDetector, find_faces, read_image, resize_face,
                                    to_gray)
 from facesense.infer.tracks import Smoother, Tracker
+from pipeline.classes import FACE_SIZE
 
 # Version of the record layout shared by predictions.jsonl lines, predictions.meta.json and Face.to_dict():
 # 1 = source, frame, time_s, box, label, probs (+ track, frame_label, smooth_probs on video lines).
@@ -136,7 +137,7 @@ class Recognizer:
         return np.concatenate(parts)
 
     def _faces(self, crops) -> np.ndarray:
-        if isinstance(crops, np.ndarray) and crops.dtype == np.uint8 and crops.shape[1:] == (48, 48):
+        if isinstance(crops, np.ndarray) and crops.dtype == np.uint8 and crops.shape[1:] == (FACE_SIZE, FACE_SIZE):
             return crops  # the detector's own crops: as they are
         if isinstance(crops, np.ndarray) and crops.ndim in (3, 4):
             crops = list(crops)
@@ -144,7 +145,7 @@ class Recognizer:
             raise FaceSenseError(f"crops: shape {crops.shape}; expected (N, H, W) gray or (N, H, W, 3) BGR faces, "
                                  f"or a list of pictures")
         if not crops:
-            return np.empty((0, 48, 48), np.uint8)
+            return np.empty((0, FACE_SIZE, FACE_SIZE), np.uint8)
         return np.stack([resize_face(to_gray(as_image(c, f"crops[{k}]"))) for k, c in enumerate(crops)])
 
     def faces(self, boxes: list, probs: np.ndarray) -> list[Face]:

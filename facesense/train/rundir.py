@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from facesense.core.errors import FaceSenseError
+from facesense.core.files import require_dir
 
 LOCK = ".train.lock"
 RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl")  # any of them: --out holds a run
@@ -42,9 +43,7 @@ class RunLock:
         self.created: list[Path] = []  # directories this run made, deepest first
 
     def acquire(self) -> None:
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise FaceSenseError(f"--out {out}: is a file, not a directory; choose another --out")
+        out = require_dir(self.out)
         self.created = [p for p in (out, *out.parents) if not p.exists()]
         try:
             out.mkdir(parents=True, exist_ok=True)
