@@ -57,11 +57,21 @@ def remove_stale_partials(out: Path) -> None:
     for path in out.parent.glob(f"{glob.escape(prefix)}*"):
         try:
             pid = int(path.name[len(prefix):].split("-")[0])  # out.name may itself hold '-'
-            os.kill(pid, 0)  # raises if no such process
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
+        except ValueError:
             continue
+        if process_gone(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process `pid` exists (its temporaries are then a killed run's, safe to remove)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, someone else's
+        return False
+    return False
 
 
 def _discard(out: Path, prefix: str, new_parents: list[Path]) -> None:

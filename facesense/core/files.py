@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Iterator
 
 from facesense.core.errors import FaceSenseError
-from pipeline.errors import mount_point, no_space, require_dir  # noqa: F401 (the one --out check)
+from pipeline.errors import mount_point, no_space, require_dir
+
+__all__ = ["TMP_GLOB", "atomic_path", "require_dir", "tmp_path_for", "write_bytes", "write_error"]
 
 TMP_GLOB = ".*.tmp-*"  # what atomic_path's temporaries look like (a killed run's are removed by train)
 

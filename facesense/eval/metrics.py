@@ -8,7 +8,6 @@ to scikit-learn's `roc_auc_score(multi_class="ovr", average="macro")` when all a
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch

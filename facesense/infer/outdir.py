@@ -15,6 +15,7 @@ from pathlib import Path
 from facesense.core.errors import FaceSenseError
 from facesense.core.files import write_bytes
 from facesense.infer.sources import ANNOTATED, IMAGE_EXTS
+from pipeline.staging import process_gone
 
 PREDICTIONS = "predictions.jsonl"
 META = "predictions.meta.json"  # beside predictions.jsonl: schema version, model, detector, options
@@ -73,20 +74,8 @@ def remove_stale_temporaries(out: Path) -> None:
     for folder in folders:
         for path in folder.iterdir():
             match = TEMPORARY.match(path.name)
-            if match and path.is_file() and _pid_gone(int(match.group(1))):
+            if match and path.is_file() and process_gone(int(match.group(1))):
                 path.unlink(missing_ok=True)
-
-
-def _pid_gone(pid: int) -> bool:
-    if pid == os.getpid():  # ours: atomic_path removes its own; one here is in use
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # exists, someone else's
-        return False
-    return False
 
 
 def run_meta(recognizer, opts, srcs: list[str]) -> dict:

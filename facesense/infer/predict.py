@@ -41,12 +41,10 @@ import numpy as np
 from facesense.core.errors import FaceSenseError
 from facesense.core.files import atomic_path, require_dir
 from facesense.infer.faces import DEFAULT_MARGIN, DETECTORS
-from facesense.infer.outdir import (ANNOTATED_EXTS, META, PREDICTIONS, TEMPORARY, earlier_outputs,  # noqa: F401
-                                    open_out, remove_stale_temporaries, run_meta, write_meta)
-from facesense.infer.sinks import (ImageSink, Sink, VideoSink, annotate, check_display, show, tee,  # noqa: F401
-                                   to_bgr8, video_sink, write_image)
-from facesense.infer.sources import (ANNOTATED, IMAGE_EXTS, VIDEO_EXTS, Expanded, Source,  # noqa: F401
-                                     expand_sources, frames_total, load_frames, stream_name, video_frames,
+from facesense.infer.outdir import PREDICTIONS, earlier_outputs, open_out, run_meta, write_meta
+from facesense.infer.recognizer import Recognizer, named_probs
+from facesense.infer.sinks import ImageSink, Sink, annotate, check_display, show, tee, to_bgr8, video_sink
+from facesense.infer.sources import (ANNOTATED, Source, expand_sources, frames_total, load_frames, stream_name,
                                      video_info)
 from facesense.infer.tracks import Smoother, Tracker, TrackLog
 from pipeline.progress import Bar
@@ -192,11 +190,11 @@ class Batcher:
         """Label and probs from p; a tracked face with smoothing on takes its track's smoothed label."""
         classes = self.recognizer.classes
         rec["label"] = classes[int(p.argmax())]
-        rec["probs"] = {name: round(float(v), 6) for name, v in zip(classes, p)}
+        rec["probs"] = named_probs(classes, p)
         if smoother is not None:
             smoothed = smoother(rec["track"], p)
             rec["frame_label"], rec["label"] = rec["label"], classes[int(smoothed.argmax())]
-            rec["smooth_probs"] = {name: round(float(v), 6) for name, v in zip(classes, smoothed)}
+            rec["smooth_probs"] = named_probs(classes, smoothed)
         self.on_face(rec)
 
 
@@ -310,8 +308,6 @@ def predict(srcs: list[str], model: Path, out: Path, opts: PredictOptions, progr
     Every check (options, display, --out, --model) passes before anything in --out is deleted or written.
     """
     from rich.console import Console
-
-    from facesense.infer.recognizer import Recognizer
 
     opts.check()
     if opts.show:

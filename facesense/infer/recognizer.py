@@ -151,7 +151,7 @@ class Recognizer:
     def faces(self, boxes: list, probs: np.ndarray) -> list[Face]:
         """Face objects for boxes and their probabilities (rows of classify)."""
         classes = self.classes
-        return [Face(list(map(int, b)), classes[int(p.argmax())], _named(classes, p)) for b, p in zip(boxes, probs)]
+        return [Face(list(map(int, b)), classes[int(p.argmax())], named_probs(classes, p)) for b, p in zip(boxes, probs)]
 
     def __call__(self, image) -> list[Face]:
         """The faces in one picture, largest first."""
@@ -205,8 +205,9 @@ def smooth_face(face: Face, track: int, smoothed: np.ndarray, classes: list[str]
     face.track = track
     if keep:
         face.frame_label, face.label = face.label, classes[int(smoothed.argmax())]
-        face.smooth_probs = _named(classes, smoothed)
+        face.smooth_probs = named_probs(classes, smoothed)
 
 
-def _named(classes: list[str], p: np.ndarray) -> dict[str, float]:
+def named_probs(classes: list[str], p: np.ndarray) -> dict[str, float]:
+    """class -> probability, rounded as predictions.jsonl and the API give them."""
     return {name: round(float(v), 6) for name, v in zip(classes, p)}

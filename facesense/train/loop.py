@@ -389,7 +389,7 @@ def restore_rank_state(run: Run, ckpt: dict) -> None:
 def train_one_epoch(run: Run, bar: ProgressBar) -> EpochStats:
     """Steps from run.first to the epoch's end (or --max-steps). Only device work per step; the host
     syncs at log points (every --log-every steps), at --save-every checkpoints and at the end."""
-    cfg, rt = run.cfg, run.rt
+    cfg = run.cfg
     run.train_loader.set_epoch(run.epoch, run.first)
     bar.new_epoch(run.epoch, run.steps_per_epoch, run.first)
     run.model.train()
