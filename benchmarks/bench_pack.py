@@ -20,7 +20,7 @@ import numpy as np
 from benchmarks.env import BadOption, at_least, median_time, write_result
 from pipeline.classes import folder_class_index
 from pipeline.errors import PackError
-from pipeline.folders import scan_folders
+from pipeline.imagefolders import scan_image_folders
 from pipeline.pack import PackOptions, detect_format, pack
 
 CSV_ROWS = 35_887
@@ -72,7 +72,7 @@ def check_options(data: Path, csv: Path | None, repeats: int) -> None:
         try:
             detect_format(Path(path), fmt)
             if fmt == "folders":
-                scan_folders(Path(path))
+                scan_image_folders(Path(path))
         except PackError as exc:
             raise BadOption(f"{flag} {exc}") from None
 

@@ -147,6 +147,113 @@ def bench_margin(
     margin_sweep(model, data, _floats(margins, "--margins"), limit, json_path)
 
 
+# --------------------------------------------------------------------------------------
+# Issue 16: storage, decode, encoded shards through the loaders, memory
+# --------------------------------------------------------------------------------------
+
+FerFaces = Annotated[Path, typer.Option("--data", help="Raw FER2013 shards whose faces make the colour set.")]
+SetImages = Annotated[int, typer.Option("--images", help="Faces in the colour RAF-layout set (RAF-DB: 15,339).")]
+Workers = Annotated[int, typer.Option("--workers", help="Decoder threads / DataLoader worker processes.")]
+
+
+@app.command("storage")
+def bench_storage(
+    source: Path = typer.Option(Path("../shared/fer2013"), "--source", help="FER2013 source to pack (folders or CSV)."),
+    repeats: Repeats = 3,
+    workers: Workers = 2,
+    json_path: ResultJson = Path("benchmarks/results/storage-cpu.json"),
+):
+    """Pack --store raw vs --store encoded (in turns): images/s, bytes, decoded pixels vs the raw pack."""
+    from benchmarks.bench_storage import run
+
+    run(source, repeats, workers, json_path)
+
+
+@app.command("decode")
+def bench_decode(
+    data: FerFaces = Path("data/shards"),
+    size: int = typer.Option(224, "--size", help="Side of the JPEGs made and decoded."),
+    images: int = typer.Option(2048, "--images", help="JPEGs to decode per pass."),
+    decoders: str = typer.Option("pillow_pool,torchvision_cpu,nvjpeg,dali_cpu,dali_mixed", "--decoders",
+                                 help="Comma-separated: pillow_pool, torchvision_cpu, nvjpeg, dali_cpu, dali_mixed "
+                                      "(those that cannot run here are recorded as skipped)."),
+    batch_size: BatchSize = 256,
+    repeats: Repeats = 3,
+    workers: Workers = 2,
+    device: Device = "auto",
+    json_path: ResultJson = Path("benchmarks/results/decode-cpu.json"),
+):
+    """JPEG decode images/s per decoder (Pillow pool, torchvision CPU, nvJPEG, DALI cpu/mixed)."""
+    from benchmarks.bench_decode import run
+
+    run(data, size, images, _csv(decoders), batch_size, repeats, workers, device, json_path)
+
+
+@app.command("stream")
+def bench_stream(
+    source: Path = typer.Option(Path("../shared/fer2013"), "--source", help="FER2013 source, packed raw and encoded."),
+    size: int = typer.Option(48, "--size", help="Output (image) size."),
+    model: str = typer.Option("efficientnet_b0", "--model", help="timm model name."),
+    variant: str = typer.Option("", "--variant", help="Training-step variant (bench train --variants); default: "
+                                "what facesense train runs on the device."),
+    channels: Channels = 1,
+    batch_size: BatchSize = 128,
+    steps: int = typer.Option(5, "--steps", help="Steps per timed run."),
+    warmup: Warmup = 2,
+    repeats: Repeats = 3,
+    decode_threads: str = typer.Option("2,1", "--decode-threads", help="The stream loader's decoder threads "
+                                       "(its --workers), comma-separated; the target is read on the first."),
+    device: Device = "auto",
+    json_path: ResultJson = Path("benchmarks/results/stream-cpu.json"),
+):
+    """--loader stream on encoded FER2013 end to end vs the synthetic ceiling (in turns)."""
+    from benchmarks.bench_stream import run_stream
+
+    run_stream(source, size, model, variant, channels, batch_size, steps, warmup, repeats, device,
+               _ints(decode_threads, "--decode-threads"), json_path)
+
+
+@app.command("colour")
+def bench_colour(
+    data: FerFaces = Path("data/shards"),
+    images: SetImages = 15339,
+    store: str = typer.Option("encoded", "--store", help="How the colour set is packed: raw or encoded."),
+    kinds: str = typer.Option("resident,stream,dataloader", "--kinds", help="Comma-separated loader kinds."),
+    sizes: Sizes = "112,224",
+    batches: int = typer.Option(10, "--batches", help="Batches per timed run."),
+    batch_size: BatchSize = 256,
+    warmup: Warmup = 2,
+    repeats: Repeats = 3,
+    workers: Workers = 2,
+    device: Device = "auto",
+    json_path: ResultJson = Path("benchmarks/results/colour-cpu.json"),
+):
+    """Loaders alone on a 100x100 colour RAF-layout set made from FER2013 faces, vs the dataloader."""
+    from benchmarks.bench_stream import run_colour
+
+    run_colour(data, images, store, _csv(kinds), _ints(sizes), batches, batch_size, warmup, repeats, workers,
+               device, json_path)
+
+
+@app.command("memory")
+def bench_memory(
+    data: FerFaces = Path("data/shards"),
+    images: SetImages = 15339,
+    multiples: str = typer.Option("1,2,4", "--multiples", help="Pack the set this many times over (comma-separated)."),
+    batch_sizes: str = typer.Option("64,256", "--batch-sizes", help="Stream loader batch sizes (comma-separated)."),
+    size: int = typer.Option(112, "--size", help="Output (image) size."),
+    batches: int = typer.Option(20, "--batches", help="Batches read per case."),
+    workers: Workers = 2,
+    resident: bool = typer.Option(True, "--resident/--no-resident", help="Also the resident loader (the contrast)."),
+    json_path: ResultJson = Path("benchmarks/results/memory-cpu.json"),
+):
+    """Peak RSS of the stream loader (fresh process per case) over data-set multiples and batch sizes."""
+    from benchmarks.bench_memory import run
+
+    run(data, images, _ints(multiples, "--multiples"), _ints(batch_sizes, "--batch-sizes"), size, batches, workers,
+        resident, json_path)
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 

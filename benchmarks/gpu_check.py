@@ -3,12 +3,15 @@
     python -m benchmarks.gpu_check --data SHARDS --out DIR [--smoke] [--budget-s 540]
     make gpu-check DATA=SHARDS OUT=DIR
 
-Runs six parts, each in its own process under its own time box (benchmarks/gpu_parts.py),
+Runs eight parts, each in its own process under its own time box (benchmarks/gpu_parts.py),
 so one failing or hanging part never loses the others and the whole run ends within
 --budget-s: `tests` (the CUDA tests), `augment` (Triton vs reference), `loader`
 (resident / dali / dataloader), `train` (synthetic ceiling vs end to end, compiled, AMP),
-`accuracy` (recipes/gpu.toml on the real data, selected on val, evaluated on val and
-on test where the shards have it) and `ddp` (the synthetic step through torchrun on 1 GPU
+`decode` (JPEG decode images/s at 224 px: torchvision nvJPEG, DALI mixed where installed),
+`stream` (encoded colour shards end to end vs the ceiling at 112 and 224 px; decode and
+stream are GPU-only: skipped with the reason on a CPU and in --smoke), `accuracy`
+(recipes/gpu.toml on the real data, selected on val, evaluated on val and on test where the
+shards have it) and `ddp` (the synthetic step through torchrun on 1 GPU
 and on all of them at 112 and 224 px, scaling efficiency; skipped, taking no time, with
 fewer than two GPUs). `--smoke` runs the same code on a CPU with tiny sizes (a test runs
 it, so the script cannot rot).
@@ -40,13 +43,15 @@ import typer
 from benchmarks import gpu_parts
 from benchmarks.env import ROOT, child_env, environment
 
-PARTS = tuple(gpu_parts.PARTS)  # tests, augment, loader, train, accuracy, ddp: the order they run in
+PARTS = tuple(gpu_parts.PARTS)  # tests, augment, loader, train, decode, stream, accuracy, ddp: the order they run in
 # Each part's share of the budget; accuracy (REST) gets whatever the others leave, less the parts after it
 # (at least its share). Sized for one H100 at the default 540 s: train holds three EfficientNet-B0
 # compiles (48/112/224 px), accuracy a ~5 minute recipes/gpu.toml run plus its evaluations. ddp's share
 # is kept back only with two GPUs or more (four eager torchrun launches); with fewer it is skipped at once
-# and the other parts' boxes are what they are without it.
-SHARES = {"tests": 0.10, "augment": 0.06, "loader": 0.08, "train": 0.22, "accuracy": 0.54, "ddp": 0.20}
+# and the other parts' boxes are what they are without it. decode (4,096 JPEGs at 224 px, a few passes per
+# decoder) and stream (an 8k-image encoded colour pack, eager B0 at 112 and 224 px) take 0.13 from accuracy.
+SHARES = {"tests": 0.10, "augment": 0.06, "loader": 0.08, "train": 0.22, "decode": 0.04, "stream": 0.09,
+          "accuracy": 0.41, "ddp": 0.20}
 REST = "accuracy"
 MAX_FILE_BYTES = 16 * 2**20
 
@@ -125,6 +130,15 @@ def summary_markdown(report: dict) -> str:
             target_row(f"{key.replace('_', ' ')} (end to end)", target, 1)
     for size, seconds in train.get("warmup_incl_compile_s", {}).items():
         lines.append(f"| compile + warm-up, {size} px (s) | {seconds:.1f} | - | - |")
+    decode = report.get("decode", {})
+    for row in decode.get("results", []):
+        if "images_per_s" in row:
+            vs = row.get("vs_pillow")
+            lines.append(f"| decode {decode['size']} px JPEGs, {row['decoder']} (img/s) | {row['images_per_s']:,.0f} | "
+                         f"- | {'-' if not vs else 'max diff vs Pillow ' + str(vs['max_abs_diff'])} |")
+    for size, by_loader in report.get("stream", {}).get("targets", {}).items():
+        for loader, t in by_loader.items():
+            target_row(f"encoded shards end to end / ceiling, {size} px ({loader})", t, 3)
     acc = report.get("accuracy", {})
     target_row("val accuracy, recipes/gpu.toml, no TTA", acc.get("target_val_accuracy"), 4)
     if acc.get("status") == "ok":
@@ -198,7 +212,8 @@ def main(
     smoke: bool = typer.Option(False, "--smoke", help="Same code path on CPU with tiny sizes and steps (minutes)."),
     budget_s: float = typer.Option(540.0, "--budget-s", help="Seconds the whole check may take; each part is boxed."),
 ) -> None:
-    """Prove every GPU path in one unattended run: CUDA tests, augment/loader/train throughput, accuracy, DDP."""
+    """Prove every GPU path in one unattended run: CUDA tests, augment/loader/train throughput, GPU decode and
+    encoded shards end to end, accuracy, DDP."""
     report = check(data, out, smoke, budget_s)
     print((out / "summary.md").read_text())
     failed = [name for name in PARTS if report[name]["status"] == "failed"]

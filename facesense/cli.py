@@ -53,25 +53,49 @@ app.add_typer(bench_app, name="bench")  # the benchmarks' own typer app (benchma
 @app.command()
 def pack(
     ctx: typer.Context,
-    src: Path = typer.Argument(..., help="FER2013 source: the image-folder root (train/, test/) or fer2013.csv."),
+    src: Path = typer.Argument(..., help="The source: FER2013's fer2013.csv or image folders (train/, test/); an "
+                               "image-folder data set SRC/<train|val|test>/<class>/*; or RAF-DB's basic layout "
+                               "(SRC/EmoLabel/list_patition_label.txt + SRC/Image/aligned/)."),
     out: Path = typer.Option(Path("data/shards"), "--out", "-o", help="Output directory for shards + manifest.json."),
-    format: str = typer.Option("auto", "--format", help="Source format: auto, folders or csv."),
-    ferplus: Optional[Path] = typer.Option(None, "--ferplus", help="fer2013new.csv: relabel the CSV source with FER+ majority votes (8 classes)."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of unprefixed train images used as val when the source has no PublicTest images."),
+    format: str = typer.Option("auto", "--format", help="Source format: auto (from SRC: a file is the CSV, a folder "
+                               "with EmoLabel/ is RAF-DB, else image folders), folders (= imagefolder), csv or rafdb."),
+    store: str = typer.Option("auto", "--store", help="raw: uint8 pixels, one size per split (decoded once, kept "
+                              "in memory by the loaders); encoded: each file's bytes unchanged (CSV rows as lossless "
+                              "PNG), decoded by the loaders per batch; auto: raw when every image has one size and "
+                              "the largest split is <= 1 GiB decoded, else encoded (the manifest says why)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Raw storage: resize every image to NxN (bilinear). "
+                                       "Without it every image must have one size."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="1 (gray, ITU-R 601 luma) or 3 (RGB). Default: "
+                                           "the source's own: gray for FER2013, RGB for RAF-DB, image folders: RGB "
+                                           "if any image is colour."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Image folders: class names in label order, "
+                                          "comma-separated (a,b,c). Needed unless the folder names are FER2013's 7 "
+                                          "or FER+'s 8 classes; numbered folders (AffectNet) are --classes by index "
+                                          "(folder 0 is the first name)."),
+    raf_images: Optional[str] = typer.Option(None, "--raf-images", help="RAF-DB: aligned (Image/aligned/"
+                                             "<name>_aligned.jpg, 100x100 faces; the default) or original "
+                                             "(Image/original/<name>.jpg)."),
+    ferplus: Optional[Path] = typer.Option(None, "--ferplus", help="fer2013new.csv: relabel the CSV source with FER+ "
+                                           "majority votes (8 classes) and keep every image's 10 vote counts."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of train used as val (stratified, "
+                                       "seeded) when the source has no val images (no PublicTest, no val/ folder)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the val slice and the shuffled shard order."),
     shard_size: int = typer.Option(8192, "--shard-size", help="Images per shard at most."),
     workers: int = typer.Option(0, "--workers", help="Decoding processes (0 = all cores)."),
-    resize: bool = typer.Option(False, "--resize", help="Accept images that are not 48x48 and resize them."),
+    resize: bool = typer.Option(False, "--resize", help="Resize images that are not 48x48 to 48x48 (= --size 48)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad images/rows (listed in the manifest) instead of failing."),
-    dedupe: bool = typer.Option(False, "--dedupe", help="Drop train images that duplicate val/test images, and near-blank train images."),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Drop train images that duplicate val/test images, and near-blank "
+                                "train images (encoded packs compare file bytes)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when DIR is up to date."),
 ):
-    """Pack FER2013 once into verified HDF5 shards (atomic; does nothing if up to date)."""
+    """Pack a face data set once into verified HDF5 shards (atomic; does nothing if up to date)."""
+    from pipeline.imagefolders import parse_classes
     from pipeline.pack import PackOptions, pack as run_pack
 
     opts = PackOptions(format=format, val_fraction=val_fraction, seed=seed, shard_size=shard_size,
                        resize=resize, skip_bad=skip_bad, dedupe=dedupe,
-                       ferplus=str(ferplus.resolve()) if ferplus else None)
+                       ferplus=str(ferplus.resolve()) if ferplus else None, store=store, size=size,
+                       channels=channels, classes=parse_classes(classes), raf_images=raf_images)
     _on_interrupt(ctx, "interrupted; nothing was written")
     manifest, built = run_pack(src, out, opts, workers=workers or os.cpu_count(), force=force)
     if not built:
@@ -79,7 +103,11 @@ def pack(
         return
     counts = ", ".join(f"{s} {e['count']}" for s, e in manifest["splits"].items())
     dup = manifest["duplicates"]["summary"]
-    typer.echo(f"packed {out}: {counts}; {len(manifest['classes'])} classes; "
+    train = manifest["splits"]["train"]
+    shape = "x".join(map(str, train["image_shape"])) if train["image_shape"] else "mixed sizes"
+    typer.echo(f"packed {out}: {counts}; {len(manifest['classes'])} classes; storage {train['storage']} "
+               f"({shape}, {'RGB' if train['channels'] == 3 else 'gray'}"
+               f"{', votes' if manifest['votes'] else ''}; {manifest['storage']['why'].split(':')[0]}); "
                f"{dup['groups']} duplicate groups ({dup['cross_split_groups']} across splits, "
                f"{dup['conflicting_label_groups']} with conflicting labels), {dup['near_blank']} near-blank"
                + (f"; skipped {len(manifest['skipped'])} bad items" if manifest["skipped"] else ""))
@@ -163,7 +191,8 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report.json in --out that describes another checkpoint."),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none; flip (average with the mirror image); crops (average 10 views: whole image + 4 corner crops zoomed 1.1x, each also mirrored)."),
     batch_size: int = typer.Option(512, "--batch-size", help="Images per batch."),
-    loader: str = typer.Option("auto", "--loader", help="Data loader: auto, resident, dali or dataloader."),
+    loader: str = typer.Option("auto", "--loader", help="Data loader: auto, resident, stream, dali or dataloader "
+                               "(as facesense train --loader)."),
     workers: int = typer.Option(2, "--workers", help="Loader worker processes (dataloader) or threads (dali)."),
     device: str = typer.Option("auto", "--device", help="Device: auto (cuda if available), cpu, cuda or cuda:N."),
 ):
@@ -227,9 +256,11 @@ def export_command(
     from facesense.infer.export import export
 
     meta = export(checkpoint, format, out, overwrite=overwrite)
+    height, width = meta["source_shape"]
     typer.echo(f"wrote {out}: {format}, {meta['model']} ({meta['weights']} weights), input (N, {meta['channels']}, "
                f"{meta['img_size']}, {meta['img_size']}) normalised with mean {meta['norm_mean']} std "
-               f"{meta['norm_std']}, classes {', '.join(meta['classes'])}")
+               f"{meta['norm_std']}, from {height}x{width} {'gray' if meta['source_channels'] == 1 else 'RGB'} "
+               f"faces, classes {', '.join(meta['classes'])}")
 
 
 def main() -> None:

@@ -6,10 +6,16 @@ random draw happens here, once per sample, so engines never disagree on chance.
 
 Conventions (all engines follow them; the reference in `reference.py` is the spec):
 
-* Geometry works in normalised coordinates of a square image, [-1, 1] from the
-  left/top edge of the first pixel to the right/bottom edge of the last one, so
-  pixel k of an S-pixel row has its centre at (2k + 1) / S - 1 (torch's
-  `align_corners=False`). x grows right, y grows down.
+* Source images are (N, H, W) uint8 (gray) or (N, H, W, C) uint8 with C in {1, 3}
+  (RGB order); H != W is allowed. A 1-channel source gives 1 or 3 output channels
+  (gray replicated); a 3-channel source gives 3 (asking it for 1 is an error: pack
+  the data with --channels 1 instead, so gray is made once, by one rule).
+* Geometry works in normalised coordinates per axis, [-1, 1] from the left/top edge
+  of the first pixel to the right/bottom edge of the last one, for the source (W
+  columns, H rows) and the S x S output alike, so pixel k of an S-pixel row has its
+  centre at (2k + 1) / S - 1 (torch's `align_corners=False`, as grid_sample). A
+  non-square source is thus stretched to the square output by the same one pass.
+  x grows right, y grows down.
 * The forward map that moves image content is  p_out = s * R(a) * F * p_src + t
   (flip F, then rotate, then scale, then shift). Engines need the inverse map
   p_src = F * R(-a) * (p_out - t) / s, given by `AugParams.inverse_affine()`.
@@ -20,6 +26,9 @@ Conventions (all engines follow them; the reference in `reference.py` is the spe
 * Jitter on [0, 1] intensities: v = clamp(b * (0.5 + c * (x - 0.5)), 0, 1),
   i.e. contrast about mid-grey (not the image mean, so it stays per-pixel and
   fusable), then brightness as a gain.
+* Saturation, after that clamp and only for 3-channel sources (no effect on gray):
+  l = 0.299 r + 0.587 g + 0.114 b (ITU-R 601 luma, the weights gray packs use), then
+  v = clamp(l + s * (v - l), 0, 1) per channel; s = 1 is the identity, 0 is gray.
 * Random erasing sets a box of output pixels to 0 *after* normalisation (the
   mean, in every channel). The box in pixels is `erase_box(params, size)`.
 * Normalise per output channel: (v - mean[c]) / std[c]; gray is replicated to C
@@ -43,6 +52,9 @@ class AugConfig:
     max_shift: float = 0.1  # shift drawn from U(-max_shift, +max_shift), fraction of the image side
     brightness: float = 0.2  # gain drawn from U(1 - brightness, 1 + brightness)
     contrast: float = 0.2  # contrast factor drawn from U(1 - contrast, 1 + contrast)
+    # Saturation factor drawn from U(1 - saturation, 1 + saturation); colour sources only.
+    # Default 0 (and drawn last, and only when > 0): every draw made before it existed is unchanged.
+    saturation: float = 0.0
     erase_p: float = 0.0  # probability of random erasing
     erase_area: tuple[float, float] = (0.02, 0.2)  # erased box area, fraction of the image
     erase_ratio: tuple[float, float] = (0.3, 3.3)  # erased box aspect ratio h/w (log-uniform)
@@ -56,6 +68,7 @@ class AugConfig:
             "max_shift": 0.0 <= self.max_shift <= 1.0,
             "brightness": 0.0 <= self.brightness < 1.0,
             "contrast": 0.0 <= self.contrast < 1.0,
+            "saturation": 0.0 <= self.saturation < 1.0,
             "erase_area": 0.0 < self.erase_area[0] <= self.erase_area[1] <= 1.0,
             "erase_ratio": 0.0 < self.erase_ratio[0] <= self.erase_ratio[1],
         }
@@ -67,7 +80,7 @@ class AugConfig:
     def none(cls) -> "AugConfig":
         """No augmentation: every draw is the identity (eval mode)."""
         return cls(flip_p=0.0, max_angle=0.0, scale=(1.0, 1.0), max_shift=0.0,
-                   brightness=0.0, contrast=0.0, erase_p=0.0)
+                   brightness=0.0, contrast=0.0, saturation=0.0, erase_p=0.0)
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,7 @@ class AugParams:
     ey: torch.Tensor  # erase box top edge, fraction of the side
     ew: torch.Tensor  # erase box width, fraction of the side
     eh: torch.Tensor  # erase box height, fraction of the side
+    saturation: torch.Tensor  # saturation factor (1 = unchanged); last: it was added last
 
     def __len__(self) -> int:
         return self.flip.shape[0]
@@ -153,7 +167,7 @@ def identity_params(n: int, device="cpu") -> AugParams:
     return AugParams(flip=full(False, torch.bool), angle=full(0.0), scale=full(1.0),
                      tx=full(0.0), ty=full(0.0), brightness=full(1.0), contrast=full(1.0),
                      erase=full(False, torch.bool), ex=full(0.0), ey=full(0.0),
-                     ew=full(0.0), eh=full(0.0))
+                     ew=full(0.0), eh=full(0.0), saturation=full(1.0))
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,9 @@ def sample_params(n: int, cfg: AugConfig, generator: torch.Generator | None = No
     """Draw parameters for n samples on `device` (the generator's device; default CPU).
 
     Drawing on the training device keeps the per-batch path free of host copies.
+    The draw order is fixed (recorded figures depend on it): fields added later are drawn
+    after all others, and saturation only when its range is not empty, so a config without
+    it leaves the generator exactly where it did before saturation existed.
     """
     device = generator.device if generator is not None else (device or "cpu")
 
@@ -219,6 +236,9 @@ def sample_params(n: int, cfg: AugConfig, generator: torch.Generator | None = No
         brightness=uniform(1.0 - cfg.brightness, 1.0 + cfg.brightness),
         contrast=uniform(1.0 - cfg.contrast, 1.0 + cfg.contrast),
         erase=erase, ex=ex, ey=ey, ew=ew, eh=eh,
+        # Keyword arguments are evaluated in order: this is the last draw.
+        saturation=(uniform(1.0 - cfg.saturation, 1.0 + cfg.saturation) if cfg.saturation > 0
+                    else torch.ones(n, device=device)),
     )
 
 

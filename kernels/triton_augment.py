@@ -6,6 +6,8 @@ channels-last copy). Each of those steps writes and rereads a full-size batch te
 and at 224x224x3 in float32 that traffic, not the arithmetic, is the cost. Here each
 program reads the four uint8 source pixels its output pixel needs straight from the
 resident data set and writes the final value once, in the final dtype and layout.
+Sources are (N, H, W) or (N, H, W, C) uint8 with C in {1, 3}, of any H x W: a 3-channel
+pixel's values are read as one (BLOCK, 4) tile, which the saturation jitter needs whole.
 
 `kernels/reference.py` defines the result; tests compare against it. The maths copies
 grid_sample(bilinear, padding_mode="border", align_corners=False) step by step so the
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.reference import source_channels
 from kernels.spec import AugParams, OutputSpec, erase_box
 
 try:
@@ -29,6 +32,7 @@ else:
     _IMPORT_ERROR = None
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+N_COEF = 9  # per-sample floats in KernelParams.coef (see kernel_params), passed to the kernel
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -49,22 +53,23 @@ if triton is not None:
     def _augment_kernel(images_ptr, index_ptr, coef_ptr, box_ptr, out_ptr,
                         H, W, S,
                         mean0, mean1, mean2, std0, std1, std2,
-                        C: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr):
+                        C: tl.constexpr, C_IN: tl.constexpr, C_PAD: tl.constexpr, N_COEF: tl.constexpr,
+                        BLOCK: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)  # int64: b * S*S*C can pass 2**31 for big batches
         p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # flat output pixel ids
         live = p < S * S
         ox, oy = p % S, p // S
 
         # Per-sample scalars, computed before the launch by kernel_params (tiny tensors):
-        # inverse affine rows, brightness gain, contrast; the erase box in pixels.
-        a00 = tl.load(coef_ptr + b * 8 + 0)
-        a01 = tl.load(coef_ptr + b * 8 + 1)
-        a02 = tl.load(coef_ptr + b * 8 + 2)
-        a10 = tl.load(coef_ptr + b * 8 + 3)
-        a11 = tl.load(coef_ptr + b * 8 + 4)
-        a12 = tl.load(coef_ptr + b * 8 + 5)
-        gain = tl.load(coef_ptr + b * 8 + 6)
-        contrast = tl.load(coef_ptr + b * 8 + 7)
+        # inverse affine rows, brightness gain, contrast, saturation; the erase box in pixels.
+        a00 = tl.load(coef_ptr + b * N_COEF + 0)
+        a01 = tl.load(coef_ptr + b * N_COEF + 1)
+        a02 = tl.load(coef_ptr + b * N_COEF + 2)
+        a10 = tl.load(coef_ptr + b * N_COEF + 3)
+        a11 = tl.load(coef_ptr + b * N_COEF + 4)
+        a12 = tl.load(coef_ptr + b * N_COEF + 5)
+        gain = tl.load(coef_ptr + b * N_COEF + 6)
+        contrast = tl.load(coef_ptr + b * N_COEF + 7)
         ex0 = tl.load(box_ptr + b * 4 + 0)
         ey0 = tl.load(box_ptr + b * 4 + 1)
         ex1 = tl.load(box_ptr + b * 4 + 2)
@@ -86,25 +91,45 @@ if triton is not None:
         # index keeps the load in bounds without changing the value.
         x1, y1 = tl.minimum(x0 + 1, W - 1), tl.minimum(y0 + 1, H - 1)
 
-        # Gather straight from the resident uint8 data set: no images[index] copy.
-        src = images_ptr + tl.load(index_ptr + b).to(tl.int64) * H * W
-        v00 = tl.load(src + y0 * W + x0, mask=live, other=0).to(tl.float32) / 255.0
-        v01 = tl.load(src + y0 * W + x1, mask=live, other=0).to(tl.float32) / 255.0
-        v10 = tl.load(src + y1 * W + x0, mask=live, other=0).to(tl.float32) / 255.0
-        v11 = tl.load(src + y1 * W + x1, mask=live, other=0).to(tl.float32) / 255.0
         # grid_sample's bilinear weights (nw, ne, sw, se), written the same way so
         # float32 rounding stays close to the reference's.
-        v = ((x1f - ix) * (y1f - iy) * v00 + (ix - x0f) * (y1f - iy) * v01
-             + (x1f - ix) * (iy - y0f) * v10 + (ix - x0f) * (iy - y0f) * v11)
-
-        v = tl.minimum(tl.maximum(gain * (0.5 + contrast * (v - 0.5)), 0.0), 1.0)
-
-        # Replicate gray to C channels as a (BLOCK, C_PAD) tile: channels-last keeps a
-        # pixel's C values adjacent, so one masked 2-D store writes the final layout.
+        w00 = (x1f - ix) * (y1f - iy)
+        w01 = (ix - x0f) * (y1f - iy)
+        w10 = (x1f - ix) * (iy - y0f)
+        w11 = (ix - x0f) * (iy - y0f)
+        # Gather straight from the resident uint8 data set: no images[index] copy.
+        src = images_ptr + tl.load(index_ptr + b).to(tl.int64) * H * W * C_IN
         c = tl.arange(0, C_PAD)
+        if C_IN == 1:
+            v00 = tl.load(src + y0 * W + x0, mask=live, other=0).to(tl.float32) / 255.0
+            v01 = tl.load(src + y0 * W + x1, mask=live, other=0).to(tl.float32) / 255.0
+            v10 = tl.load(src + y1 * W + x0, mask=live, other=0).to(tl.float32) / 255.0
+            v11 = tl.load(src + y1 * W + x1, mask=live, other=0).to(tl.float32) / 255.0
+            v = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+            v = tl.minimum(tl.maximum(gain * (0.5 + contrast * (v - 0.5)), 0.0), 1.0)
+            v = v[:, None]  # gray, replicated to the C output channels by broadcasting
+        else:
+            # A pixel's C_IN interleaved values as one (BLOCK, C_PAD) tile per corner.
+            cm = live[:, None] & (c[None, :] < C_IN)
+            v00 = tl.load(src + (y0 * W + x0)[:, None] * C_IN + c[None, :], mask=cm, other=0).to(tl.float32) / 255.0
+            v01 = tl.load(src + (y0 * W + x1)[:, None] * C_IN + c[None, :], mask=cm, other=0).to(tl.float32) / 255.0
+            v10 = tl.load(src + (y1 * W + x0)[:, None] * C_IN + c[None, :], mask=cm, other=0).to(tl.float32) / 255.0
+            v11 = tl.load(src + (y1 * W + x1)[:, None] * C_IN + c[None, :], mask=cm, other=0).to(tl.float32) / 255.0
+            v = (w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11)
+            v = tl.minimum(tl.maximum(gain * (0.5 + contrast * (v - 0.5)), 0.0), 1.0)
+            # Saturation: blend with the ITU-R 601 luma of the jittered pixel, then clamp.
+            sat = tl.load(coef_ptr + b * N_COEF + 8)
+            r = tl.sum(tl.where(c[None, :] == 0, v, 0.0), axis=1)
+            g = tl.sum(tl.where(c[None, :] == 1, v, 0.0), axis=1)
+            bl = tl.sum(tl.where(c[None, :] == 2, v, 0.0), axis=1)
+            luma = (0.299 * r + 0.587 * g + 0.114 * bl)[:, None]
+            v = tl.minimum(tl.maximum(luma + sat * (v - luma), 0.0), 1.0)
+
+        # Normalise as a (BLOCK, C_PAD) tile: channels-last keeps a pixel's C values
+        # adjacent, so one masked 2-D store writes the final layout.
         mean = tl.where(c == 0, mean0, tl.where(c == 1, mean1, mean2))
         std = tl.where(c == 0, std0, tl.where(c == 1, std1, std2))
-        y = (v[:, None] - mean[None, :]) / std[None, :]
+        y = (v - mean[None, :]) / std[None, :]
         erased = (ox >= ex0) & (ox < ex1) & (oy >= ey0) & (oy < ey1)
         y = tl.where(erased[:, None], 0.0, y)
 
@@ -123,7 +148,7 @@ if triton is not None:
 class KernelParams:
     """AugParams reduced to what the kernel reads, on the kernel's device.
 
-    coef (B, 8) float32: inverse affine rows, brightness gain, contrast; box (B, 4) int32:
+    coef (B, 9) float32: inverse affine rows, brightness gain, contrast, saturation; box (B, 4) int32:
     the erase box in output pixels. Row slices stay contiguous, so the resident loader
     computes them once per epoch and a batch is a slice plus one launch.
     """
@@ -140,8 +165,8 @@ class KernelParams:
 
 def kernel_params(params: AugParams, size: int, device: torch.device | str) -> KernelParams:
     """The kernel's per-sample inputs for `params` at output side `size` (~30 small device ops)."""
-    coef = torch.cat([params.inverse_affine().reshape(-1, 6),
-                      params.brightness.float()[:, None], params.contrast.float()[:, None]], 1)
+    coef = torch.cat([params.inverse_affine().reshape(-1, 6), params.brightness.float()[:, None],
+                      params.contrast.float()[:, None], params.saturation.float()[:, None]], 1)
     box = erase_box(params, size)
     return KernelParams(coef.to(device=device, dtype=torch.float32).contiguous(),
                         box.to(device=device, dtype=torch.int32).contiguous())
@@ -151,15 +176,17 @@ def augment_triton(images: torch.Tensor, index: torch.Tensor, params: AugParams 
                    out: OutputSpec, block: int = 1024) -> torch.Tensor:
     """Augment images[index] -> (B, C, S, S) channels-last tensor of out.dtype, in one launch.
 
-    Same contract as `augment_reference`: images (N, H, W) uint8 contiguous on the device,
+    Same contract as `augment_reference`: images (N, H, W) or (N, H, W, C) uint8, C in {1, 3},
+    any H x W, contiguous on the device,
     index (B,) integer on the same device, params one entry per index on any device
     (AugParams, or KernelParams computed ahead for this output size and device).
     Index values are not range-checked: that needs a host sync every batch.
     """
     if triton is None:
         raise RuntimeError(f"augment_triton needs triton, which failed to import: {_IMPORT_ERROR}")
-    assert images.dtype == torch.uint8 and images.dim() == 3, \
-        f"images must be (N, H, W) uint8, got {tuple(images.shape)} {images.dtype}"
+    assert images.dtype == torch.uint8 and images.dim() in (3, 4), \
+        f"images must be (N, H, W) or (N, H, W, C) uint8, got {tuple(images.shape)} {images.dtype}"
+    c_in = source_channels(images, out)  # ValueError for 3 channels in, 1 out
     assert images.is_contiguous(), "images must be contiguous (the kernel indexes it flat)"
     assert index.dim() == 1 and index.dtype in (torch.int64, torch.int32), \
         f"index must be 1-D int64/int32, got {tuple(index.shape)} {index.dtype}"
@@ -186,7 +213,8 @@ def augment_triton(images: torch.Tensor, index: torch.Tensor, params: AugParams 
         _augment_kernel[grid](images, index.contiguous(), params.coef, params.box, result,
                               images.shape[1], images.shape[2], s,
                               *mean, *std,
-                              C=c, C_PAD=triton.next_power_of_2(c), BLOCK=block, num_warps=4)
+                              C=c, C_IN=c_in, C_PAD=triton.next_power_of_2(max(c, c_in)), N_COEF=N_COEF,
+                              BLOCK=block, num_warps=4)
     return result.permute(0, 3, 1, 2)  # (B, C, S, S) view with channels-last strides
 
 

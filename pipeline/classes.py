@@ -24,3 +24,11 @@ def folder_class_index(name: str) -> int | None:
         return FER2013_CLASSES.index(name.lower())
     except ValueError:
         return None
+
+
+# RAF-DB "basic" labels 1..7 (EmoLabel/list_patition_label.txt), in RAF-DB's own order: label - 1.
+RAFDB_CLASSES: tuple[str, ...] = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
+
+# Split folder names of an image-folder data set (any case) -> our split.
+SPLIT_FOLDERS: dict[str, str] = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                                 "test": "test"}

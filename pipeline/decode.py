@@ -32,6 +32,8 @@ def open_image(blob):
 
     try:
         img = Image.open(io.BytesIO(_as_bytes(blob)))
+    except Image.DecompressionBombError as exc:  # not an OSError
+        raise DecodeError(f"image too large ({str(exc).splitlines()[0][:80]})") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DecodeError(f"unreadable or corrupt image ({str(exc).splitlines()[0][:80]})") from None
     width, height = img.size
@@ -82,7 +84,10 @@ def decode_image(blob, channels: int, size: tuple[int, int] | None = None) -> np
 def probe(blob) -> tuple[int, int, int]:
     """(height, width, channels) of an image from its bytes, decoding it fully (validation)."""
     with open_image(blob) as img:
-        img.load()
+        try:
+            img.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DecodeError(f"unreadable or corrupt image ({str(exc).splitlines()[0][:80]})") from None
         return img.size[1], img.size[0], image_channels(img)
 
 

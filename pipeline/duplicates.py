@@ -2,6 +2,8 @@
 
 FER2013 holds byte-identical faces within and across its splits (some labelled
 differently) and a few blank frames. Pack reports them; `--dedupe` acts on them.
+Raw packs compare decoded pixels; encoded packs compare file bytes (a hash of each
+file, taken while pack validates it), which is cheap and holds no pixels.
 """
 from __future__ import annotations
 
@@ -44,19 +46,41 @@ def _exact_groups(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def find_duplicates(images: np.ndarray, labels: np.ndarray, splits: np.ndarray,
                     ids: list[str]) -> tuple[dict, np.ndarray]:
-    """Report duplicate groups; also return the dedupe mask (True = keep).
+    """Report duplicate groups of raw pixels; also return the dedupe mask (True = keep).
 
     The mask drops train images that duplicate a val/test image, and near-blank
     train images; val and test stay the standard sets so results stay comparable.
     """
     flat = np.ascontiguousarray(images.reshape(len(images), -1))
     group_of, sizes = _exact_groups(flat)
+    near_blank = (flat.max(axis=1) - flat.min(axis=1)) <= NEAR_BLANK_RANGE
+    return _report(group_of, sizes, near_blank, labels, splits, ids, "pixels")
+
+
+def find_file_duplicates(digests: np.ndarray, value_ranges: np.ndarray, labels: np.ndarray, splits: np.ndarray,
+                         ids: list[str]) -> tuple[dict, np.ndarray]:
+    """The same report for encoded packs, from what pack's validating decode measured.
+
+    digests: (N, 16) uint8, a hash of each file's bytes: groups are byte-identical files (the
+    same face saved twice in different encodings is not found; comparing pixels would mean
+    holding every decoded image). value_ranges: (N,) max - min of each decoded image.
+    """
+    keys = np.ascontiguousarray(digests, np.uint8)
+    _, group_of, sizes = np.unique(keys.view(np.dtype((np.void, keys.shape[1]))).ravel(),
+                                   return_inverse=True, return_counts=True)
+    near_blank = np.asarray(value_ranges) <= NEAR_BLANK_RANGE
+    return _report(group_of.ravel(), sizes, near_blank, labels, splits, ids, "file bytes (blake2b)")
+
+
+def _report(group_of: np.ndarray, sizes: np.ndarray, near_blank: np.ndarray, labels: np.ndarray,
+            splits: np.ndarray, ids: list[str], method: str) -> tuple[dict, np.ndarray]:
+    """The manifest's duplicates report from group ids (0..G-1 per image) and near-blank flags."""
 
     def name(i: int) -> str:  # only reported images get a name (most images are unique)
         return f"{SPLITS[splits[i]]}:{ids[i]}"
 
     groups, cross, conflicting = [], [], []
-    dup_of_eval = np.zeros(len(images), bool)
+    dup_of_eval = np.zeros(len(group_of), bool)
     order = np.argsort(group_of, kind="stable")  # members of each group together, by position
     starts = np.cumsum(sizes) - sizes
     repeated = np.flatnonzero(sizes > 1)
@@ -72,8 +96,8 @@ def find_duplicates(images: np.ndarray, labels: np.ndarray, splits: np.ndarray,
                 dup_of_eval[members] = splits[members] == SPLITS.index("train")
         if len(set(labels[members].tolist())) > 1:
             conflicting.append(k)
-    near_blank = (flat.max(axis=1) - flat.min(axis=1)) <= NEAR_BLANK_RANGE
     report = {
+        "method": method,
         "groups": groups,
         "cross_split_groups": cross,
         "conflicting_label_groups": conflicting,

@@ -36,6 +36,17 @@ def read_ferplus(path: Path, n_rows: int, usages: list[str] | None = None) -> tu
     `usages`, if given, is fer2013.csv's Usage per row: a mismatch means the files do
     not belong together.
     """
+    labels, drops, _ = read_ferplus_votes(path, n_rows, usages)
+    return labels, drops
+
+
+def read_ferplus_votes(path: Path, n_rows: int, usages: list[str] | None = None
+                       ) -> tuple[np.ndarray, dict, np.ndarray]:
+    """`read_ferplus` plus the vote counts as written: (labels, drop_counts, (n_rows, 10) uint8 votes).
+
+    The votes are kept as the file has them (outliers included): the majority rule is one use
+    of them, a soft-label target (normalised votes) another.
+    """
     try:
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
@@ -66,9 +77,11 @@ def read_ferplus(path: Path, n_rows: int, usages: list[str] | None = None) -> tu
             votes[i] = [int(row[c]) for c in vote_cols]
         except ValueError:
             raise PackError(f"{path}: line {line}: vote counts must be integers") from None
+        if votes[i].min() < 0 or votes[i].max() > 255:
+            raise PackError(f"{path}: line {line}: vote counts must lie in 0..255 (FER+ has 10 annotators)")
         empty_name[i] = not row[name_col].strip()
     labels = majority_labels(votes)
     drops = {"empty_image_name": int(empty_name.sum()),
              "unknown_or_nf": int(((labels == DROP) & ~empty_name).sum())}
     labels[empty_name] = DROP
-    return labels, drops
+    return labels, drops, votes.astype(np.uint8)

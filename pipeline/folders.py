@@ -1,6 +1,8 @@
-"""The Kaggle image-folder layout: SRC/{train,test}/<class>/<Usage>_<id>.jpg -> uint8 arrays.
+"""FER2013's image folders (SRC/{train,test}/<class>/<Usage>_<id>.jpg) -> one (N, 48, 48) uint8 array, fast.
 
-Scanning lists names only (os.scandir; no stat per file): the source fingerprint
+This is the raw 48x48 gray path of `facesense pack` (FER2013's own case); every other
+combination of size, colour and storage goes through `pack_decode`. Scanning
+(`imagefolders`) lists names only (os.scandir; no stat per file): the source fingerprint
 (path, size, mtime of every file) comes from the decode workers' fstat of each file
 they open, or from `stat_fingerprint` when an existing pack must be compared first.
 Decoding runs in forked worker processes, a chunk of files per task, writing into
@@ -14,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import forkpool, jpeg_fast
-from pipeline.classes import FACE_SIZE, FER2013_CLASSES, SPLITS, USAGE_TO_SPLIT, folder_class_index
+from pipeline.classes import FACE_SIZE, FER2013_CLASSES
 from pipeline.errors import BadItem, PackError
 from pipeline.progress import progress_bar
 
@@ -33,63 +34,18 @@ CHUNK = 512  # files per worker task: large enough to hide task overhead, small 
 
 @dataclass
 class FolderScan:
-    """What a scan found: one entry per image file, in a stable (sorted) order."""
+    """What a scan found: one entry per image file, in a stable (sorted) order.
+
+    Made by `imagefolders.scan_image_folders` (SRC/<split>/<class>/*) and `rafdb.scan_rafdb`.
+    """
 
     paths: list[str]  # relative to the source root, '/'-separated (these become the ids)
-    labels: np.ndarray  # uint8, FER2013 class index
-    splits: np.ndarray  # uint8 index into SPLITS; 255 = unprefixed train file (val decided later)
+    labels: np.ndarray  # uint8 class index into `classes`
+    splits: np.ndarray  # uint8 index into SPLITS; 255 = train file whose val slice pack decides
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): entries never opened (FIFO, loop)
-
-
-def scan_folders(src: Path) -> FolderScan:
-    """List image files and their label/split; raise PackError on layout problems."""
-    tops = [name for name in ("train", "test") if (src / name).is_dir()]
-    if not tops:
-        raise PackError(f"{src}: not a FER2013 image-folder layout: expected {src}/train/<class>/ "
-                        f"and/or {src}/test/<class>/ (or pass the CSV file)")
-    paths, labels, splits, bad = [], [], [], []
-    for top in tops:
-        for class_dir in sorted(os.scandir(src / top), key=lambda e: e.name):
-            if class_dir.name.startswith("."):
-                continue
-            kind = _kind(class_dir)
-            if kind != "dir":
-                raise PackError(f"{class_dir.path}: {'unexpected file' if kind == 'file' else kind}; "
-                                f"{top}/ must hold one folder per class")
-            label = folder_class_index(class_dir.name)
-            if label is None:
-                raise PackError(f"{class_dir.path}: unknown class folder {class_dir.name!r}; "
-                                f"valid names (any case): {', '.join(FER2013_CLASSES)}")
-            names = []
-            for entry in sorted(os.scandir(class_dir.path), key=lambda e: e.name):
-                kind = _kind(entry)
-                if entry.name.startswith(".") or kind == "dir":
-                    continue
-                if kind == "file":
-                    names.append(entry.name)
-                else:  # never opened: reading a FIFO would wait forever
-                    bad.append((f"{top}/{class_dir.name}/{entry.name}", kind))
-            paths += [f"{top}/{class_dir.name}/{name}" for name in names]
-            labels += [label] * len(names)
-            splits += [_split_of(top, name) for name in names]
-    if not paths and not bad:
-        raise PackError(f"{src}: no images found under {' or '.join(t + '/' for t in tops)}")
-    return FolderScan(paths, np.array(labels, np.uint8), np.array(splits, np.uint8), bad)
-
-
-def _kind(entry: os.DirEntry) -> str:
-    """'dir', 'file' (a regular file, or a link to one), or why the entry cannot be an image."""
-    try:
-        if entry.is_dir():
-            return "dir"
-        if entry.is_file():
-            return "file"
-        mode = entry.stat().st_mode
-    except OSError as exc:  # a symlink loop or a dangling link
-        return f"cannot read ({exc.strerror})"
-    what = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-    return f"{what}, not an image file"
+    classes: tuple[str, ...] = FER2013_CLASSES
+    class_order: dict = field(default_factory=lambda: {"source": "fer2013", "detail": "FER2013's label order"})
+    label_file: Path | None = None  # a file the labels came from (RAF-DB): part of the source's identity
 
 
 def _fingerprint_lines(paths: list[str], sizes: np.ndarray, mtimes_ns: np.ndarray) -> bytes:
@@ -111,14 +67,6 @@ def stat_fingerprint(src: Path, paths: list[str]) -> str:
             raise PackError(f"{src / rel}: cannot read ({exc.strerror})") from exc
     return files_fingerprint(paths, np.array([st.st_size for st in stats], np.int64),
                              np.array([st.st_mtime_ns for st in stats], np.int64))
-
-
-def _split_of(top: str, name: str) -> int:
-    """FER2013 Usage from the file-name prefix; without one the folder decides."""
-    usage = name.split("_", 1)[0]
-    if usage in USAGE_TO_SPLIT:
-        return SPLITS.index(USAGE_TO_SPLIT[usage])
-    return 255 if top == "train" else SPLITS.index("test")
 
 
 def stratified_val(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -150,7 +98,7 @@ def _decode_with_pil(path: str, resize: bool) -> tuple[np.ndarray | None, str | 
                 return None, f"image is {width}x{height}, larger than {MAX_PIXELS:,} pixels (not a face crop)"
             if img.size != (FACE_SIZE, FACE_SIZE) and not resize:
                 return None, (f"image is {width}x{height}, expected {FACE_SIZE}x{FACE_SIZE} "
-                              f"(pass --resize to resize it)")
+                              f"(pass --resize to resize it, or --size N for another size)")
             img = _gray8(img)
             if img is None:
                 return None, "32-bit integer or float image; save it as 8-bit gray or colour"

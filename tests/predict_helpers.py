@@ -18,9 +18,12 @@ FER = ROOT.parent / "shared" / "fer2013"
 ASTRONAUT_FACE_CENTRE, ASTRONAUT_FACE_SIDE = (225, 115), 95
 
 
-def make_checkpoint(path: Path, *, img_size: int = 48, channels: int = 1, ema: bool = False, seed: int = 0) -> Path:
+def make_checkpoint(path: Path, *, img_size: int = 48, channels: int = 1, ema: bool = False, seed: int = 0,
+                    source: dict | None = None) -> Path:
     """A FaceSense checkpoint of the tiny timm EfficientNet with random (not zero) weights and
-    non-trivial BatchNorm statistics, so different inputs give clearly different outputs."""
+    non-trivial BatchNorm statistics, so different inputs give clearly different outputs.
+    source: the faces it was "trained" on ({"image_shape": [H, W], "channels": C}); None: none recorded,
+    as checkpoints before version 3 (48x48 gray)."""
     torch.manual_seed(seed)
     cfg = TrainConfig(model=MODEL, img_size=img_size, channels=channels, ema=ema, norm_mean=0.45, norm_std=0.3)
 
@@ -34,7 +37,7 @@ def make_checkpoint(path: Path, *, img_size: int = 48, channels: int = 1, ema: b
 
     payload = {"model": weights(), "ema": weights() if ema else None, "config": cfg.to_dict(),
                "classes": list(FER2013_CLASSES), "epoch": 1, "batch": 0, "step": 10, "best_accuracy": 0.5,
-               "history": [], "data": {}}
+               "history": [], "data": {}, **({"source": source} if source else {})}
     save_checkpoint(path, payload)
     return path
 

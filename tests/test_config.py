@@ -96,3 +96,19 @@ def test_round_trip_through_a_checkpoint_dict_and_resume_differences():
            ["--model 'resnet18' -> 'resnet50'"]
     with pytest.raises(FaceSenseError, match="does not know: future_option"):
         config_from_dict({**cfg.to_dict(), "future_option": 1}, "ckpt")
+
+
+def test_a_config_saved_before_the_data_driven_options_resumes_unchanged():
+    """Checkpoints before --soft-labels, --aug-saturation and --resident-budget-gb, with channels 1 and img_size
+    48 written out: resuming them on FER2013 shards (the defaults resolved from the data) finds no difference."""
+    from facesense.core.config import for_data
+
+    old = TrainConfig(channels=1, img_size=48).to_dict()
+    for key in ("soft_labels", "aug_saturation", "resident_budget_gb"):
+        old.pop(key)
+    fer2013 = {"votes": False, "splits": {"train": {"channels": 1, "image_shape": [48, 48]}}}
+    assert resume_differences(old, for_data(TrainConfig(), fer2013)) == []
+    assert config_from_dict(old, "old.pt") == TrainConfig(channels=1, img_size=48)
+    assert resume_differences(old, TrainConfig(channels=1, img_size=48, soft_labels=True)) == \
+           ["--soft-labels False -> True"]
+    assert resume_differences(old, TrainConfig(channels=1, img_size=48, resident_budget_gb=4)) == []  # placement

@@ -1,12 +1,14 @@
 """The CPU engine (the spec as element-wise maths and gathers, compiled in the loader): what only it
-has. Its eager form's comparison with the reference runs in tests/test_engines.py with the other engines."""
+has. Its eager form's comparison with the reference runs in tests/test_engines.py with the other engines;
+the compiled form is held to the reference here, on few shapes (each costs a compile)."""
 from __future__ import annotations
 
 import torch
 
 from kernels.cpu_fused import augment_eager, compiled_engine
+from kernels.reference import augment_reference
 from kernels.spec import AugConfig, OutputSpec, identity_params, sample_params
-from test_engines import unit_scale
+from test_engines import COLOUR100, NONSQUARE, assert_close, output_spec, unit_scale
 
 
 def test_eager_identity_and_flip_are_exact():
@@ -28,6 +30,28 @@ def test_compiled_matches_eager():
     eager = augment_eager(images, torch.arange(6), params, out)
     compiled = compiled_engine()(images, torch.arange(6), params, out)
     assert (eager - compiled).abs().max() < 1e-4
+
+
+def test_compiled_colour_and_non_square_match_reference():
+    """The colour path (3-channel planes, saturation in the finish), 100x100 and 64x40 sources through
+    one engine: one output shape, so the finish stage compiles once."""
+    engine, out = compiled_engine(), output_spec(40, 3)
+    cfg = AugConfig(erase_p=0.5, max_angle=30, saturation=0.5)
+    for seed, source in enumerate([COLOUR100, NONSQUARE]):
+        g = torch.Generator().manual_seed(seed)
+        images, index = source.images(10, seed=seed), torch.tensor([3, 1, 4, 1, 5, 9])
+        params = sample_params(6, cfg, g)
+        got = engine(images, index, params, out)
+        assert_close(got, augment_reference(images, index, params, out), out)
+        assert (got - augment_eager(images, index, params, out)).abs().max() < 1e-4
+
+
+def test_eager_one_channel_layout_is_gray():
+    """(N, H, W, 1) is read as the (N, H, W) gray source it is: same result, bit for bit."""
+    images = torch.randint(0, 256, (6, 40, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    params, out = sample_params(4, AugConfig(saturation=0.5), torch.Generator().manual_seed(4)), OutputSpec(size=32)
+    index = torch.tensor([0, 5, 2, 2])
+    assert torch.equal(augment_eager(images[..., None], index, params, out), augment_eager(images, index, params, out))
 
 
 def test_compiled_engine_never_overwrites_a_batch_still_held():

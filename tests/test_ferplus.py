@@ -191,3 +191,38 @@ def test_ferplus_needs_the_csv_source(kaggle, tmp_path, fer_and_plus):
         pack(kaggle.root, out, PackOptions(ferplus=str(plus)), workers=1, show_progress=False)
     assert "--ferplus" in one_line(str(err.value))
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("store", ["raw", "encoded"])
+def test_pack_with_ferplus_keeps_the_votes(fer_and_plus, tmp_path, store):
+    fer, plus, rows, plan = fer_and_plus
+    out = tmp_path / "out"
+    manifest, _ = pack(fer, out, PackOptions(ferplus=str(plus), store=store), workers=2, show_progress=False)
+    assert manifest["votes"] is True and manifest["class_order"]["source"] == "ferplus"
+    expected = {f"fer2013.csv:{k + 2}": (v, label) for k, (_, _, v, label) in enumerate(plan) if label != DROP}
+    seen = 0
+    for split in SPLITS:
+        arrays = read_split(out, split, with_ids=True)
+        assert arrays.votes.dtype == np.uint8 and arrays.votes.shape == (len(arrays.labels), 10)
+        assert arrays.storage == store
+        for rid, label, row in zip(arrays.ids, arrays.labels, arrays.votes):
+            want_votes, want_label = expected[rid]
+            assert row.tolist() == want_votes and label == want_label == majority_labels(row[None])[0], rid
+            seen += 1
+        with h5py.File(out / manifest["splits"][split]["shards"][0]["file"]) as f:
+            assert f["votes"].shape == (len(arrays.labels), 10)
+    assert seen == len(expected)
+    assert verify(out) == len(expected)
+
+
+def test_read_ferplus_votes_are_the_file_counts_and_out_of_range_counts_are_refused(fer_and_plus):
+    from pipeline.ferplus import read_ferplus_votes
+
+    fer, plus, rows, plan = fer_and_plus
+    labels, drops, table = read_ferplus_votes(plus, len(rows))
+    assert table.dtype == np.uint8 and table.tolist() == [v for _, _, v, _ in plan]
+    lines = plus.read_text().splitlines()
+    plus.write_text("\n".join([*lines[:2], lines[2].rsplit(",", 1)[0] + ",300", *lines[3:]]) + "\n")
+    with pytest.raises(PackError) as err:
+        read_ferplus_votes(plus, len(rows))
+    assert "line 3" in one_line(str(err.value)) and "0..255" in str(err.value)

@@ -14,8 +14,12 @@ from train_helpers import ROOT, child_env, make_shards
 PARTS = gpu_check.PARTS  # one list: benchmarks/gpu_parts.PARTS, in running order
 
 
-def test_the_check_runs_the_six_documented_parts_in_order():
-    assert PARTS == ("tests", "augment", "loader", "train", "accuracy", "ddp")
+GPU_ONLY = ("decode", "stream")  # skipped with the reason on a CPU and in a smoke run
+CPU_SMOKE = tuple(p for p in PARTS[:-1] if p not in GPU_ONLY)  # the parts a smoke run runs
+
+
+def test_the_check_runs_the_eight_documented_parts_in_order():
+    assert PARTS == ("tests", "augment", "loader", "train", "decode", "stream", "accuracy", "ddp")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,11 @@ def test_smoke_gpu_json_has_every_part_with_a_status(smoke):
     report = json.loads((out / "gpu.json").read_text())
     assert set(PARTS) | {"env"} <= set(report)
     assert torch.__version__.startswith(report["env"]["versions"]["torch"]) and report["env"]["git_commit"]
-    for part in PARTS[:-1]:
+    for part in CPU_SMOKE:
         assert report[part]["status"] == "ok", (part, report[part])
+    for part in GPU_ONLY:
+        assert report[part]["status"] == "skipped", (part, report[part])
+        assert report[part]["reason"] == "smoke run (CPU): this part measures the GPU only"
     # A CPU run has no GPU to scale over: said, not failed.
     assert report["ddp"] == {"status": "skipped", "reason": "no GPU: DDP scaling needs at least two", "gpus": 0}
     assert report["tests"]["counts"]["passed"] > 0
@@ -65,8 +72,10 @@ def test_smoke_outputs_are_usable(smoke):
     report = json.loads((out / "report.json").read_text())
     assert report["split"] == "test" and report["count"] == 21  # test exists in these shards
     summary = (out / "summary.md").read_text()
-    for part in PARTS[:-1]:
+    for part in CPU_SMOKE:
         assert f"| {part} | ok |" in summary
+    for part in GPU_ONLY:
+        assert f"| {part} | skipped |" in summary and "this part measures the GPU only" in summary
     assert "| ddp | skipped | - | no GPU: DDP scaling needs at least two |" in summary
 
 
@@ -119,3 +128,34 @@ def test_ddp_scaling_launches_torchrun_on_one_and_on_n_processes(tmp_path):
     assert two["images_per_s_per_gpu"] == pytest.approx(two["images_per_s"] / 2)
     assert result["scaling_efficiency"] == {"32": pytest.approx(two["images_per_s"] / (2 * one["images_per_s"]))}
     assert json.loads((tmp_path / "result.json").read_text())["partial"] is True  # kept as it went
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: the parts measure")
+@pytest.mark.parametrize("part", GPU_ONLY)
+def test_gpu_only_parts_skip_cleanly_without_cuda(tmp_path, part):
+    # Not a smoke run: the part itself finds no CUDA device and says so, without failing or measuring.
+    result = gpu_check.run_part(part, {"data": str(tmp_path), "smoke": False}, tmp_path, box_s=120)
+    assert result["status"] == "skipped", result
+    assert result["reason"] == "no CUDA device: this part measures the GPU only"
+
+
+def test_gpu_only_parts_measure_on_a_cpu_when_asked(tmp_path):
+    # The parts' measurements, on a CPU with CPU decoders and a tiny model, so their code cannot rot
+    # on machines without a GPU (the parts themselves call them with cuda).
+    data = make_shards(tmp_path / "shards")
+    settings = {"data": str(data), "scratch": str(tmp_path / "scratch"), "result": str(tmp_path / "result.json")}
+    decoded = gpu_parts.gpu_decode(settings, torch.device("cpu"), 32, 40, ["pillow_pool", "nvjpeg", "dali_mixed"], 16, 1)
+    rows = {r["decoder"]: r for r in decoded["results"]}
+    assert decoded["status"] == "ok" and rows["pillow_pool"]["images_per_s"] > 0
+    assert rows["nvjpeg"]["skipped"] == "no CUDA device: GPU decode needs a GPU" and rows["dali_mixed"]["skipped"]
+    step = {"model": gpu_parts.TINY_MODEL, "variant": "eager-fp32-cl", "channels": 3, "batch_size": 8, "steps": 1,
+            "warmup": 1, "repeats": 1}
+    (tmp_path / "scratch").mkdir()
+    streamed = gpu_parts.encoded_end_to_end(settings, torch.device("cpu"), [32], 60, step)
+    assert streamed["status"] == "ok" and set(streamed["end_to_end_over_ceiling"]["32"]) == {"stream", "auto"}
+    assert streamed["targets"]["32"]["stream"]["target"] == 0.97
+    assert "streaming" in streamed["describe"]["32"]["stream"] and "resident" in streamed["describe"]["32"]["auto"]
+    summary = gpu_check.summary_markdown({"env": {"versions": {}, "machine": {}}, "smoke": False, "budget_s": 540,
+                                          "total_s": 1, "decode": decoded, "stream": streamed})
+    assert "| decode 32 px JPEGs, pillow_pool (img/s) |" in summary
+    assert "| encoded shards end to end / ceiling, 32 px (stream) |" in summary

@@ -48,7 +48,7 @@ def test_counts_match_the_readme(real_pack):
 def test_verify_passes(real_pack):
     out, _ = real_pack
     assert verify(out) == 28_709 + 3_589
-    assert load_manifest(out)["format_version"] == 1
+    assert load_manifest(out)["format_version"] == 2
 
 
 @pytest.mark.parametrize("split, top, prefix", [("train", "train", "Training_"), ("val", "test", "PublicTest_")])

@@ -212,7 +212,7 @@ def test_a_shard_of_another_split_is_refused(packed: Path):
         read_split(packed, "val")
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])
 def test_unknown_manifest_format_version_is_refused(packed: Path, version):
     def edit(m):
         if version is None:

@@ -29,31 +29,48 @@ COUNTS = {"train": 96, "val": 28, "test": 21}
 
 
 def write_shards(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], classes,
-                 shard_size: int, **manifest_extra) -> Path:
-    """{split: (images, labels, ids)} -> shards of at most shard_size images + manifest.json, as pack writes them."""
+                 shard_size: int, votes: dict[str, np.ndarray] | None = None, **manifest_extra) -> Path:
+    """{split: (images, labels, ids)} -> shards of at most shard_size images + manifest.json, as pack writes them;
+    `votes` {split: (N, 10) uint8}: FER+ vote counts kept beside the labels (manifest "votes": true)."""
     out.mkdir(parents=True, exist_ok=True)
     entries = {}
     for split, (images, labels, ids) in splits.items():
         shards = [write_shard(out, split, k, images[i:i + shard_size], labels[i:i + shard_size],
-                              ids[i:i + shard_size], tuple(classes))
+                              ids[i:i + shard_size], tuple(classes),
+                              votes=votes[split][i:i + shard_size] if votes else None)
                   for k, i in enumerate(range(0, len(images), shard_size))]
         entries[split] = split_entry(labels, tuple(classes), shards)
-    manifest = {"format_version": FORMAT_VERSION, "classes": list(classes), "splits": entries, **manifest_extra}
+    manifest = {"format_version": FORMAT_VERSION, "classes": list(classes), "splits": entries,
+                "votes": bool(votes), **manifest_extra}
     (out / MANIFEST).write_text(json.dumps(manifest))
     return out
 
 
 def make_shards(out: Path, counts: dict[str, int] = COUNTS, classes=FER2013_CLASSES, seed: int = 0,
-                shard_size: int = 40) -> Path:
-    """Shards + manifest in the format facesense pack writes: class = grey level + noise (learnable)."""
+                shard_size: int = 40, shape: tuple[int, int] = (48, 48), channels: int = 1,
+                votes: bool = False) -> Path:
+    """Shards + manifest in the format facesense pack writes: class = grey level + noise (learnable).
+
+    shape (H, W) and channels 1 (gray) or 3 (RGB: each class also has its own hue, so colour matters);
+    votes: FER+-like vote counts too (10 columns, the first len(classes) the classes', 10 votes per image,
+    most of them for the image's label), so --soft-labels can train on them."""
     rng = np.random.default_rng(seed)
     base = np.linspace(20, 230, len(classes))
-    splits = {}
+    splits, all_votes = {}, {}
     for split, n in counts.items():
         labels = rng.permutation(np.arange(n) % len(classes))
-        images = np.clip(base[labels][:, None, None] + rng.integers(-15, 16, (n, 48, 48)), 0, 255).astype(np.uint8)
+        grey = base[labels][:, None, None] + rng.integers(-15, 16, (n, *shape))
+        if channels == 3:
+            tint = np.stack([np.cos(labels), np.sin(labels), -np.cos(labels)], 1)[:, None, None, :] * 20
+            grey = grey[..., None] + tint
+        images = np.clip(grey, 0, 255).astype(np.uint8)
         splits[split] = images, labels, [f"{split}/{i}.png" for i in range(n)]
-    return write_shards(out, splits, classes, shard_size,
+        if votes:
+            counts_ = np.zeros((n, 10), np.uint8)
+            counts_[np.arange(n), labels] = 7
+            counts_[np.arange(n), rng.integers(0, len(classes), n)] += 3  # a second opinion (or more of the same)
+            all_votes[split] = counts_
+    return write_shards(out, splits, classes, shard_size, votes=all_votes or None,
                         source={"format": "test", "fingerprint": f"made-up-{seed}"})
 
 

@@ -4,8 +4,8 @@ A checkpoint is a dict of tensors and plain Python values only (state dicts, the
 config as a dict, RNG states as tensors), so loading one cannot run code:
 `weights_only=True` refuses anything else.
 
-    format, version     "facesense-checkpoint", 2 (version 1 lacked epoch_correct_sum and epoch_batches;
-                        still read)
+    format, version     "facesense-checkpoint", 3 (still read: 2 lacked `source`, 1 also epoch_correct_sum
+                        and epoch_batches)
     model, ema          state dicts (ema None when off); eval uses ema when present
     optimizer, scheduler, scaler   their state dicts
     ranks               per rank: {rng: RNG states, epoch_loss_sum: its step losses so far this epoch,
@@ -15,6 +15,9 @@ config as a dict, RNG states as tensors), so loading one cannot run code:
     step                optimizer steps taken in all
     best_accuracy, history   best val accuracy so far; per-epoch metrics rows
     config, classes, data    the resolved TrainConfig, class names, data identity
+    source              what the model takes as a face: {"image_shape": [H, W], "channels": 1 | 3}, the train
+                        split's (before the loader resizes to img_size and replicates gray to cfg.channels);
+                        predict crops faces so. Absent before version 3: 48x48 gray (FER2013 was all there was)
 
 last.pt holds all of it (it is what --resume reads). best.pt is the selection
 snapshot: the same minus optimizer, scheduler, scaler and per-rank states, which only
@@ -33,12 +36,15 @@ from torch import nn
 
 from facesense.core.errors import FaceSenseError
 from facesense.core.files import write_bytes
+from pipeline.classes import FACE_SIZE
 
 if TYPE_CHECKING:
     from facesense.core.config import TrainConfig
 
-FORMAT, VERSION = "facesense-checkpoint", 2
-READS = (1, 2)  # versions this FaceSense loads: 1 lacks only ranks[i]["epoch_correct_sum", "epoch_batches"]
+FORMAT, VERSION = "facesense-checkpoint", 3
+READS = (1, 2, 3)  # versions this FaceSense loads: 2 lacks `source`, 1 also ranks[i]["epoch_correct_sum", ...]
+# What every checkpoint before `source` was trained on: FER2013's 48x48 gray faces.
+LEGACY_SOURCE = {"image_shape": [FACE_SIZE, FACE_SIZE], "channels": 1}
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -110,6 +116,12 @@ def load_checkpoint(path: Path | str) -> dict:
     return ckpt
 
 
+def checkpoint_source(ckpt: dict) -> dict:
+    """{"image_shape": [H, W], "channels": C}: the faces the checkpoint's model was trained on."""
+    source = ckpt.get("source") or LEGACY_SOURCE
+    return {"image_shape": [int(v) for v in source["image_shape"]], "channels": int(source["channels"])}
+
+
 def eval_weights(ckpt: dict) -> tuple[dict, str]:
     """The weights to evaluate: the EMA when the run kept one (it was selected on them)."""
     return (ckpt["ema"], "ema") if ckpt.get("ema") is not None else (ckpt["model"], "model")
@@ -123,6 +135,7 @@ class EvalModel:
     ckpt: dict  # the checkpoint as loaded (classes, epoch, step, data, ...)
     cfg: "TrainConfig"  # its training config
     weights: str  # "ema" or "model": which weights `model` holds
+    source: dict  # {"image_shape": [H, W], "channels": C}: the faces it was trained on (checkpoint_source)
 
 
 def load_eval_model(path: Path | str, device: torch.device | str = "cpu") -> EvalModel:
@@ -136,4 +149,4 @@ def load_eval_model(path: Path | str, device: torch.device | str = "cpu") -> Eva
     model = create_model(cfg.model, cfg.channels, len(ckpt["classes"]))
     model.load_state_dict(weights)
     model.to(device, memory_format=torch.channels_last).eval()
-    return EvalModel(model, ckpt, cfg, which)
+    return EvalModel(model, ckpt, cfg, which, checkpoint_source(ckpt))

@@ -3,10 +3,13 @@
 Each field's help (`opt(default, help)`, kept in the field's metadata) *is* its `--help`
 text: the CLI builds one option per field from this class, so every option shows in
 `--help` and a config file may set any of them. Precedence: field default < config file (TOML or YAML) < command line.
-The resolved config is stored in every checkpoint as a plain dict.
+Options that default to the data (channels, img_size: None) are filled in from the manifest when a
+run starts (`for_data`); that resolved config, real numbers only, is stored in every checkpoint as a
+plain dict.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import typing
@@ -16,7 +19,6 @@ from pathlib import Path
 import yaml
 
 from facesense.core.errors import FaceSenseError
-from pipeline.classes import FACE_SIZE
 
 try:
     import tomllib
@@ -24,8 +26,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 CHOICES = {
-    "loader": ("auto", "resident", "dali", "dataloader"),
-    "channels": (1, 3),
+    "loader": ("auto", "resident", "stream", "dali", "dataloader"),
+    "channels": (None, 1, 3),
     "optimizer": ("adamw", "sgd"),
     "class_weights": ("balanced", "none"),
     "amp_dtype": ("bfloat16", "float16"),
@@ -39,7 +41,7 @@ FLAG_VALUES = {"resume": "yes"}
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUME_MAY_DIFFER = frozenset({"data", "out", "loader", "workers", "device", "compile", "cpu_augment",
                                "deterministic", "log_every", "save_every", "max_steps", "resume", "overwrite",
-                               "tensorboard"})
+                               "tensorboard", "resident_budget_gb"})
 
 
 def opt(default, help: str):
@@ -53,11 +55,20 @@ class TrainConfig:
     data: str = opt("data/shards", "packed shards (facesense pack): trains on train, selects on val, never reads "
                                    "test")
     out: str = opt("model", "output directory: last.pt, best.pt, metrics.jsonl, training_curves.png")
-    loader: str = opt("auto", "data loader: auto, resident, dali or dataloader")
+    loader: str = opt("auto", "data loader: auto (resident when the split's decoded pixels fit "
+                              "--resident-budget-gb, else stream), resident (decoded once, kept on the device), "
+                              "stream (decoded batch by batch, overlapped with the step), dali, or dataloader "
+                              "(the per-image PIL baseline)")
     workers: int = opt(2, "loader worker processes (dataloader) or threads (dali)")
+    resident_budget_gb: float = opt(0.0, "memory budget for resident splits, GB; 0 = auto: half of the free device "
+                                         "memory. Splits whose decoded pixels fit stay resident, others stream")
+    soft_labels: bool = opt(False, "train on the FER+ vote distribution (cross-entropy against the normalised "
+                                   "votes, Barsoum et al. 2016 'crossentropy' mode); needs shards packed with "
+                                   "--ferplus. Val and eval still score the majority label")
     # model
     model: str = opt("efficientnet_b0", "any timm model name")
-    channels: int = opt(1, "input channels: 1 (gray) or 3 (gray replicated)")
+    channels: int | None = opt(None, "model input channels: default the data's (1 gray, 3 colour); 3 on gray "
+                                     "data replicates the gray")
     pretrained: bool = opt(False, "start from timm's ImageNet weights (cached or downloadable); fails fast otherwise")
     weights: str | None = opt(None, "local timm/PyTorch state dict to start from; stem and head are adapted")
     drop_rate: float = opt(0.2, "dropout before the classifier")
@@ -65,8 +76,8 @@ class TrainConfig:
     zero_init: bool = opt(True, "random init only: zero each residual branch's last norm and the head (learns from "
                                 "step 1)")
     # input and augmentation (drawn per sample on the device; see kernels/spec.py)
-    img_size: int = opt(FACE_SIZE, "network input side; 48 is native, larger sizes are resampled inside the "
-                                   "augmentation")
+    img_size: int | None = opt(None, "network input side; default the data's own when its images are square "
+                                     "(FER2013 48, RAF-DB 100); other sizes are resampled inside the augmentation")
     norm_mean: float = opt(0.5, "normalisation mean on the [0, 1] scale (all channels)")
     norm_std: float = opt(0.25, "normalisation std on the [0, 1] scale (all channels)")
     aug_flip_p: float = opt(0.5, "probability of a horizontal flip")
@@ -76,6 +87,8 @@ class TrainConfig:
     aug_max_shift: float = opt(0.1, "shift drawn from U(-s, s), fraction of the image side")
     aug_brightness: float = opt(0.2, "brightness gain drawn from U(1 - b, 1 + b)")
     aug_contrast: float = opt(0.2, "contrast factor drawn from U(1 - c, 1 + c)")
+    aug_saturation: float = opt(0.2, "saturation factor drawn from U(1 - s, 1 + s); colour sources only (no "
+                                     "effect on gray)")
     aug_erase_p: float = opt(0.0, "probability of random erasing")
     # optimisation
     epochs: int = opt(25, "passes over the training split")
@@ -121,17 +134,17 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise FaceSenseError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of "
-                                     f"{', '.join(map(str, allowed))}")
+                                     f"{', '.join(str(a) for a in allowed if a is not None)}")
         positive = ("epochs", "batch_size", "lr", "norm_std", "log_every", "ema_decay")
         non_negative = ("workers", "drop_rate", "drop_path_rate", "min_lr_ratio", "warmup_epochs",
                         "weight_decay", "momentum", "label_smoothing", "grad_clip", "max_steps", "save_every",
-                        "seed")
+                        "seed", "resident_budget_gb")
         bad = [n for n in positive if not getattr(self, n) > 0] + \
               [n for n in non_negative if not getattr(self, n) >= 0]
         if bad:
             raise FaceSenseError("; ".join(f"--{_flag(n)} {getattr(self, n)}: must be "
                                            f"{'positive' if n in positive else 'zero or more'}" for n in bad))
-        if not 8 <= self.img_size <= 1024:
+        if self.img_size is not None and not 8 <= self.img_size <= 1024:
             raise FaceSenseError(f"--img-size {self.img_size}: must be between 8 and 1024 pixels")
         if not (self.ema_decay < 1 and self.drop_rate < 1 and self.drop_path_rate < 1
                 and self.label_smoothing < 1 and self.min_lr_ratio <= 1):
@@ -150,7 +163,8 @@ class TrainConfig:
         try:
             return AugConfig(flip_p=self.aug_flip_p, max_angle=self.aug_max_angle,
                              scale=(self.aug_scale_min, self.aug_scale_max), max_shift=self.aug_max_shift,
-                             brightness=self.aug_brightness, contrast=self.aug_contrast, erase_p=self.aug_erase_p)
+                             brightness=self.aug_brightness, contrast=self.aug_contrast,
+                             saturation=self.aug_saturation, erase_p=self.aug_erase_p)
         except ValueError as exc:
             raise FaceSenseError(f"augmentation options: {exc}") from exc
 
@@ -241,7 +255,44 @@ def config_from_dict(values: dict, where: str) -> TrainConfig:
 
 
 def resume_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """`--option saved -> now` for every option a resumed run may not change."""
+    """`--option saved -> now` for every option a resumed run may not change. An option the saved config
+    lacks (it predates the option) had its default's effect: it is compared as the default."""
     now = cfg.to_dict()
-    return [f"--{_flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now
-            if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return [f"--{_flag(k)} {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in now
+            if k not in RESUME_MAY_DIFFER and saved.get(k, defaults[k]) != now[k]]
+
+
+def for_data(cfg: TrainConfig, manifest: dict) -> TrainConfig:
+    """`cfg` with what defaults to the data taken from the manifest's train split: channels (the split's own)
+    and img_size (its side, when its images are square). The resolved config, real numbers only, is what
+    runs, what resume compares and what checkpoints record. One-line errors for what the data cannot give."""
+    train = manifest["splits"]["train"]
+    source = int(train.get("channels", 1))
+    shape = train.get("image_shape")
+    if cfg.soft_labels and not manifest.get("votes"):
+        raise FaceSenseError(f"--soft-labels: {cfg.data} holds no FER+ vote counts; pack it with them: "
+                             f"facesense pack fer2013.csv --ferplus fer2013new.csv --out {cfg.data}")
+    channels = source if cfg.channels is None else cfg.channels
+    if channels < source:
+        raise FaceSenseError(f"--channels {channels}: {cfg.data} holds colour (RGB) images; drop --channels to "
+                             f"train on colour, or pack the source with --channels 1 for a gray model")
+    img_size = cfg.img_size
+    if img_size is None:
+        if not shape or shape[0] != shape[1]:
+            what = f"{shape[0]}x{shape[1]} (height x width)" if shape else "of differing sizes (encoded)"
+            raise FaceSenseError(f"{cfg.data}: the train images are {what}, so the network input side cannot be "
+                                 f"taken from them; pass --img-size N (they are resampled to N x N)")
+        img_size = int(shape[0])
+        if not 8 <= img_size <= 1024:
+            raise FaceSenseError(f"{cfg.data}: the train images are {img_size} px, outside the 8-1024 an input "
+                                 f"side may be; pass --img-size N")
+    return dataclasses.replace(cfg, channels=channels, img_size=img_size)
+
+
+def source_record(manifest: dict, img_size: int) -> dict:
+    """What a model trained on this data takes as a face: the train split's image shape [H, W] (images of
+    differing sizes are decoded to img_size x img_size) and channels. Stored in checkpoints and exports."""
+    train = manifest["splits"]["train"]
+    shape = train.get("image_shape") or [img_size, img_size]
+    return {"image_shape": [int(shape[0]), int(shape[1])], "channels": int(train.get("channels", 1))}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from facesense.core.config import TrainConfig
+from facesense.core.config import TrainConfig, for_data
 from facesense.core.errors import FaceSenseError
 from pipeline.errors import ShardError
 from pipeline.shards import MANIFEST, load_manifest, part_shards, sha256_file
@@ -20,15 +20,24 @@ from pipeline.shards import MANIFEST, load_manifest, part_shards, sha256_file
 def open_split(data: str | Path, split: str, cfg: TrainConfig, device: torch.device, *, train: bool,
                batch_size: int, dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1,
                compile_cpu: bool = False, manifest: dict | None = None):
-    """A loader over `split` (train: shuffled + augmented, drop_last; eval: fixed order, all samples)."""
+    """A loader over `split` (train: shuffled + augmented, drop_last; eval: fixed order, all samples).
+
+    Soft labels (FER+ votes) are for training only: val and eval score the majority label. Channels
+    and input size default to the data's (cfg None = from the manifest)."""
     from kernels.spec import AugConfig
     from pipeline.loaders import LoaderConfig, make_loader
 
-    loader_cfg = LoaderConfig(kind=cfg.loader, batch_size=batch_size, img_size=cfg.img_size,
-                              channels=cfg.channels, dtype=dtype, mean=(cfg.norm_mean,), std=(cfg.norm_std,),
+    manifest = manifest or read_manifest(data)
+    if cfg.channels is None or cfg.img_size is None:  # the data's own (train split's), as training resolves them
+        cfg = for_data(cfg, manifest)
+    channels, img_size = cfg.channels, cfg.img_size
+    budget_gb = cfg.resident_budget_gb  # 0 = auto
+    loader_cfg = LoaderConfig(kind=cfg.loader, batch_size=batch_size, img_size=img_size,
+                              channels=channels, dtype=dtype, mean=(cfg.norm_mean,), std=(cfg.norm_std,),
                               aug=cfg.aug() if train else AugConfig.none(), train=train, drop_last=train,
                               seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.workers,
-                              compile_cpu=compile_cpu)
+                              compile_cpu=compile_cpu, soft_labels=train and cfg.soft_labels,
+                              resident_budget=int(budget_gb * 1e9) if budget_gb > 0 else None)
     try:
         return make_loader(data, split, loader_cfg, device, manifest)
     except ValueError as exc:  # the loader's own checks (empty split, batch larger than the split, ...)

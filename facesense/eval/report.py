@@ -14,6 +14,8 @@ from facesense.eval import metrics as metrics_module  # module attribute: tests 
 from facesense.eval.metrics import TTA, compute_metrics
 from pipeline.shards import sha256_file
 
+CHANNEL_NAMES = {1: "gray (1-channel)", 3: "colour (RGB)"}
+
 
 def print_table(metrics: dict, title: str) -> None:
     from rich.console import Console
@@ -79,15 +81,24 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, split: str = "test", out: 
     if manifest["splits"][split]["count"] == 0:
         raise FaceSenseError(f"{data}: the {split} split is empty; nothing to evaluate")
     check_shards(data, manifest, split)  # the report names these shards: they must be the ones packed
+    have, want = manifest["splits"][split].get("channels", 1), net.source["channels"]
+    if have != want:
+        raise FaceSenseError(f"{checkpoint} was trained on {CHANNEL_NAMES[want]} images, {data} ({split}) holds "
+                             f"{CHANNEL_NAMES[have]} ones; pack the data with --channels {want}")
 
-    cfg = dataclasses.replace(net.cfg, loader=loader, workers=workers)
-    probs, labels = metrics_module.predict_probs(
-        net.model, open_split(data, split, cfg, rt.device, train=False, batch_size=batch_size), tta=tta)
+    # Scored against the majority label (FER+ included, as its literature reports): never soft targets.
+    cfg = dataclasses.replace(net.cfg, loader=loader, workers=workers, soft_labels=False)
+    loader = open_split(data, split, cfg, rt.device, train=False, batch_size=batch_size)
+    describe = getattr(loader, "describe", None)  # the loader's line on what lives where
+    if describe is not None:
+        print(describe())
+    probs, labels = metrics_module.predict_probs(net.model, loader, tta=tta)
     metrics = compute_metrics(probs, labels, classes)
     report = {**metrics, "split": split, "tta": tta,
               "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": checkpoint_sha,
                              "model": cfg.model, "weights": net.weights, "epoch": net.ckpt["epoch"],
-                             "step": net.ckpt["step"], "best_val_accuracy": net.ckpt.get("best_accuracy")},
+                             "step": net.ckpt["step"], "best_val_accuracy": net.ckpt.get("best_accuracy"),
+                             "source": net.source},
               "data": data_identity(data, manifest, split),
               "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__}}
     write_report(out, report, probs, labels, f"{cfg.model} on {split}")

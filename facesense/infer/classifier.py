@@ -1,8 +1,8 @@
 """A trained model ready for inference: a FaceSense checkpoint (PyTorch) or an exported .onnx.
 
-Both give the same thing: the class names, how a 48x48 face becomes the model's input
-(`faces.Preprocess`, from the checkpoint's config or the ONNX file's metadata), and
-`probs(crops)` -> class probabilities. The ONNX path runs on onnxruntime alone: no timm,
+Both give the same thing: the class names, how a face is cropped (the data's size and channels)
+and becomes the model's input (`faces.Preprocess`, from the checkpoint or the ONNX file's
+metadata), and `probs(crops)` -> class probabilities. The ONNX path runs on onnxruntime alone: no timm,
 no model code (torch only prepares the input tensor, with `faces.model_input`).
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ class Classifier:
         raise NotImplementedError
 
     def probs(self, crops: np.ndarray) -> np.ndarray:
-        """(N, 48, 48) uint8 faces -> (N, K) float64 probabilities (softmax of the logits)."""
+        """(N, H, W) gray or (N, H, W, 3) RGB uint8 faces (pre.crop_shape) -> (N, K) float64 probabilities
+        (softmax of the logits)."""
         z = self.logits(model_input(crops, self.pre)).astype(np.float64)
         z = np.exp(z - z.max(1, keepdims=True))
         return z / z.sum(1, keepdims=True)
@@ -47,7 +48,8 @@ class TorchClassifier(Classifier):
             raise FaceSenseError(f"--model {exc}; {NOT_A_MODEL}") from exc
         self.model = net.model
         self.classes = list(net.ckpt["classes"])
-        self.pre = Preprocess(net.cfg.img_size, net.cfg.channels, net.cfg.norm_mean, net.cfg.norm_std)
+        self.pre = Preprocess(net.cfg.img_size, net.cfg.channels, net.cfg.norm_mean, net.cfg.norm_std,
+                              tuple(net.source["image_shape"]), net.source["channels"])
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> np.ndarray:
@@ -68,7 +70,8 @@ class OnnxClassifier(Classifier):
             raise FaceSenseError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from exc
         meta = read_metadata(self.session.get_modelmeta().custom_metadata_map.get(META_KEY), path)
         self.classes = meta["classes"]
-        self.pre = Preprocess(meta["img_size"], meta["channels"], meta["norm_mean"], meta["norm_std"])
+        self.pre = Preprocess(meta["img_size"], meta["channels"], meta["norm_mean"], meta["norm_std"],
+                              tuple(meta["source_shape"]), meta["source_channels"])
         self.input_name = self.session.get_inputs()[0].name
 
     def logits(self, x: torch.Tensor) -> np.ndarray:

@@ -4,7 +4,8 @@ The exported network is the checkpoint's evaluation model (EMA weights when the 
 them, eval mode: dropout off, BatchNorm on its running statistics), fp32, taking
 (N, C, S, S) normalised faces with any batch size N and returning (N, K) logits. What
 inference needs besides the graph (class names in order, input size, channels, the
-normalisation, the 48 px face size) travels inside the file as one JSON string: the ONNX
+normalisation, and the faces' source shape and channels: how to crop them) travels inside
+the file as one JSON string: the ONNX
 metadata entry "facesense" (onnxruntime: `session.get_modelmeta().custom_metadata_map`),
 or the TorchScript extra file "facesense.json" (`torch.jit.load(f, _extra_files=...)`).
 
@@ -21,20 +22,25 @@ from pathlib import Path
 import torch
 
 from facesense.core.errors import FaceSenseError
-from pipeline.classes import FACE_SIZE
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 18
 META_KEY = "facesense"  # ONNX metadata_props key / TorchScript extra file (META_KEY + ".json") holding the JSON
-META_FORMAT, META_VERSION = "facesense-export", 1
+# Version 2: source_shape [H, W] and source_channels (1 | 3) instead of version 1's face_size (a side; gray).
+META_FORMAT, META_VERSION = "facesense-export", 2
+META_READS = (1, 2)
 
 
 def metadata(ckpt: dict, cfg, which: str, sha256: str) -> dict:
     """What inference needs to know about an exported model (stored in the exported file)."""
+    from facesense.core.checkpoint import checkpoint_source
+
+    source = checkpoint_source(ckpt)
     return {"format": META_FORMAT, "version": META_VERSION, "classes": list(ckpt["classes"]),
             "img_size": cfg.img_size, "channels": cfg.channels, "norm_mean": cfg.norm_mean,
-            "norm_std": cfg.norm_std, "face_size": FACE_SIZE, "model": cfg.model, "weights": which,
-            "checkpoint_sha256": sha256, "epoch": ckpt.get("epoch"), "step": ckpt.get("step")}
+            "norm_std": cfg.norm_std, "source_shape": source["image_shape"], "source_channels": source["channels"],
+            "model": cfg.model, "weights": which, "checkpoint_sha256": sha256, "epoch": ckpt.get("epoch"),
+            "step": ckpt.get("step")}
 
 
 def read_metadata(raw: str | None, path: Path) -> dict:
@@ -46,9 +52,11 @@ def read_metadata(raw: str | None, path: Path) -> dict:
         meta = json.loads(raw)
     except ValueError as exc:
         raise FaceSenseError(f"{path}: FaceSense metadata is not valid JSON ({exc})") from exc
-    if meta.get("format") != META_FORMAT or meta.get("version") != META_VERSION:
+    if meta.get("format") != META_FORMAT or meta.get("version") not in META_READS:
         raise FaceSenseError(f"{path}: metadata format {meta.get('format')!r} version {meta.get('version')!r}; "
-                             f"this FaceSense reads {META_FORMAT} {META_VERSION}")
+                             f"this FaceSense reads {META_FORMAT} {' and '.join(map(str, META_READS))}")
+    if meta["version"] == 1:  # exported from gray square faces of side face_size (FER2013's 48)
+        meta = {**meta, "source_shape": [meta["face_size"]] * 2, "source_channels": 1}
     return meta
 
 

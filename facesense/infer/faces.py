@@ -1,11 +1,12 @@
 """Faces in ordinary pictures: reading, detection, cropping, and the model's input tensor.
 
-The crop has to look like what training saw. FER2013's faces are 48x48 gray, roughly
-square, framed a little wider than a face detector's box; the shards keep them at 48
-px and the loaders resize 48 -> the model's input size and normalise inside one
-function. So a face here becomes: detector box -> square crop with a margin around it
-(border replication where it leaves the picture, as the augmentation does) -> gray
-(ITU-R 601 luma, as Pillow's "L" used by `facesense pack`) -> 48x48 uint8 (area
+The crop has to look like what training saw: the faces of the model's data, at their size
+and channels (the checkpoint's `source`: FER2013's are 48x48 gray, RAF-DB's 100x100 colour),
+which the loaders resize to the model's input size and normalise inside one function. So a
+face here becomes: detector box -> a crop around it with a margin, square for square data (of
+the data's aspect otherwise), border replicated where it leaves the picture, as the
+augmentation does -> gray (ITU-R 601 luma, as Pillow's "L" used by `facesense pack`) for a
+gray model, RGB for a colour one (OpenCV pictures are BGR) -> the source's H x W uint8 (area
 averaging when shrinking) -> `model_input`: the augmentation spec's reference implementation
 (`kernels.reference.augment_reference`) with identity parameters, i.e. resize to the model's
 input size, channels and normalisation, no augmentation. Eval's loaders run faster engines
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from facesense.core.errors import FaceSenseError
-from pipeline.classes import FACE_SIZE  # side of a FER2013 face, and of every crop handed to model_input
+from pipeline.classes import FACE_SIZE  # FER2013's side: the source of models that record none
 
 # FFmpeg's own log lines ("moov atom not found") would precede our one-line error for a broken
 # video; silence them (read when cv2 loads, so before any import of it).
@@ -60,39 +61,70 @@ NESTED_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a crop becomes the model's input: taken from the checkpoint or the ONNX metadata."""
+    """How a face is cropped and becomes the model's input: from the checkpoint or the ONNX metadata."""
 
-    img_size: int  # model input side (faces are resized 48 -> img_size in model_input)
-    channels: int  # 1 = gray, 3 = gray replicated
+    img_size: int  # model input side (crops are resized source_shape -> img_size in model_input)
+    channels: int  # model input channels: 1 gray; 3 RGB, or gray replicated for a gray source
     mean: float  # normalisation mean on the [0, 1] scale
     std: float  # normalisation std on the [0, 1] scale
+    source_shape: tuple[int, int] = (FACE_SIZE, FACE_SIZE)  # (H, W) of the faces trained on: crops are made so
+    source_channels: int = 1  # 1: gray crops; 3: RGB crops
+
+    @property
+    def crop_shape(self) -> tuple[int, ...]:
+        """One crop's array shape: (H, W) gray or (H, W, 3) RGB."""
+        return tuple(self.source_shape) + ((3,) if self.source_channels == 3 else ())
 
 
 def model_input(crops: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """(N, 48, 48) uint8 faces -> (N, C, S, S) float32 normalised: the spec's reference with identity
-    parameters (what eval's fast engines are tested to equal), on the CPU."""
+    """(N, H, W) gray or (N, H, W, 3) RGB uint8 faces -> (N, C, S, S) float32 normalised: the spec's
+    reference with identity parameters (what eval's fast engines are tested to equal), on the CPU."""
     from kernels.reference import augment_reference
     from kernels.spec import OutputSpec, identity_params
 
-    assert crops.dtype == np.uint8 and crops.ndim == 3, "crops must be (N, H, W) uint8"
+    assert crops.dtype == np.uint8 and (crops.ndim == 3 or (crops.ndim == 4 and crops.shape[3] == 3)), \
+        "crops must be (N, H, W) or (N, H, W, 3) uint8"
     images = torch.from_numpy(np.ascontiguousarray(crops))
     spec = OutputSpec(size=pre.img_size, channels=pre.channels, mean=(pre.mean,), std=(pre.std,))
     return augment_reference(images, torch.arange(len(images)), identity_params(len(images)), spec)
+
+
+def _to_8bit(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    if image.dtype != np.uint8:
+        return cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    return image
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
     """Any decoded picture (gray, BGR, BGRA; 8 or 16 bit) -> 2-D uint8 gray."""
     import cv2
 
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    image = _to_8bit(image)
     if image.ndim == 2:
         return image
     if image.shape[2] == 1:
         return image[:, :, 0]
     return cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Any decoded picture (gray, BGR, BGRA; 8 or 16 bit) -> (H, W, 3) uint8 RGB, the order colour shards
+    keep (OpenCV decodes BGR); gray is replicated."""
+    import cv2
+
+    image = _to_8bit(image)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+
+
+def to_source(image: np.ndarray, channels: int) -> np.ndarray:
+    """A decoded picture in the channels a model's faces have: gray (1) or RGB (3)."""
+    return to_gray(image) if channels == 1 else to_rgb(image)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -115,34 +147,40 @@ def read_image(path: str) -> np.ndarray:
     return image
 
 
-def resize_face(face: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
-    """A gray crop -> size x size; area averaging when shrinking (no aliasing), bilinear when growing.
+def resize_face(face: np.ndarray, size: int | tuple[int, int] = FACE_SIZE) -> np.ndarray:
+    """A gray (H, W) or RGB (H, W, 3) crop -> size (a side, or (height, width)); area averaging when
+    shrinking (no aliasing), bilinear when growing.
 
-    A non-square crop (a user's own face crop, --detector none) is resized whole, as
+    A crop of another aspect (a user's own face crop, --detector none) is resized whole, as
     `facesense pack --resize` does.
     """
     import cv2
 
-    if face.shape == (size, size):
+    height, width = (size, size) if isinstance(size, int) else size
+    if face.shape[:2] == (height, width):
         return face
-    shrink = min(face.shape) > size
-    return cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    shrink = face.shape[0] > height and face.shape[1] > width
+    return cv2.resize(face, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def square_crop(gray: np.ndarray, box: tuple[int, int, int, int], margin: float) -> np.ndarray:
-    """The square around box [x1, y1, x2, y2], grown by `margin` x side on each side; border replicated."""
+def square_crop(image: np.ndarray, box: tuple[int, int, int, int], margin: float,
+                aspect: float = 1.0) -> np.ndarray:
+    """The square around box [x1, y1, x2, y2], grown by `margin` x side on each side; border replicated.
+    aspect (width / height) != 1: the rectangle of that aspect holding that square, for data whose faces
+    are not square. Gray (H, W) or colour (H, W, C) pictures alike."""
     import cv2
 
     x1, y1, x2, y2 = box
     side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    n = max(1, int(round(side)))
-    h, w = gray.shape
-    pad = max(0, -left, -top, left + n - w, top + n - h)
+    nw = max(1, int(round(side * max(1.0, aspect))))
+    nh = max(1, int(round(side * max(1.0, 1 / aspect))))
+    left, top = int(round(cx - nw / 2)), int(round(cy - nh / 2))
+    h, w = image.shape[:2]
+    pad = max(0, -left, -top, left + nw - w, top + nh - h)
     if pad:
-        gray = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-    return gray[top + pad:top + pad + n, left + pad:left + pad + n]
+        image = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    return image[top + pad:top + pad + nh, left + pad:left + pad + nw]
 
 
 class HaarDetector:
@@ -204,14 +242,20 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
-def find_faces(gray: np.ndarray, detector: HaarDetector | None,
-               margin: float = DEFAULT_MARGIN) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
-    """Boxes and their (K, 48, 48) uint8 crops; with no detector the whole picture is the face."""
+def find_faces(image: np.ndarray, detector: HaarDetector | None, margin: float = DEFAULT_MARGIN,
+               shape: tuple[int, int] = (FACE_SIZE, FACE_SIZE),
+               channels: int = 1) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
+    """Boxes found in a decoded picture (gray or BGR) and their crops made as the model's data holds faces:
+    (K, H, W) gray or (K, H, W, 3) RGB uint8 for shape (H, W) and channels 1 or 3. Detection runs on gray;
+    with no detector the whole picture is the face."""
+    gray = to_gray(image)
+    faces = gray if channels == 1 else to_rgb(image)
     if detector is None:
         h, w = gray.shape
-        return [(0, 0, w, h)], resize_face(gray)[None]
+        return [(0, 0, w, h)], resize_face(faces, shape)[None]
     boxes = detector(gray)
-    crops = np.stack([resize_face(square_crop(gray, b, margin)) for b in boxes]) if boxes else \
-        np.empty((0, FACE_SIZE, FACE_SIZE), np.uint8)
+    aspect = shape[1] / shape[0]
+    crops = np.stack([resize_face(square_crop(faces, b, margin, aspect), shape) for b in boxes]) if boxes else \
+        np.empty((0, *shape) + ((3,) if channels == 3 else ()), np.uint8)
     return boxes, crops
 

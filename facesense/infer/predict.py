@@ -2,8 +2,8 @@
 
 The loop: sources (`sources.py`: image files, folders searched recursively in sorted order,
 video files, cameras and stream URLs) -> frames (an image is one frame, a video or stream every
---vid-stride'th frame; (frame index, time_s, picture)) -> face boxes and 48x48 crops
-(`Recognizer.detect`, the Python API's own path) -> tracks on video (`tracks.py`) -> batches of
+--vid-stride'th frame; (frame index, time_s, picture)) -> face boxes and crops at the size and channels
+of the model's data (`Recognizer.detect`, the Python API's own path) -> tracks on video (`tracks.py`) -> batches of
 --batch-size crops -> the model (`Recognizer.classify`) -> `predictions.jsonl`, in source order.
 Each source also gets one sink, chosen once (`sinks.py`): nothing, an annotated-image writer or
 an annotated-MP4 writer (--save-annotated), and/or a window (--show). Only crops wait for a
@@ -141,7 +141,7 @@ class _Held:
 
     records: list[dict]
     faces: list[dict]  # the records with a box, one per crop
-    crops: np.ndarray  # (len(faces), 48, 48) uint8
+    crops: np.ndarray  # (len(faces), H, W) gray or (len(faces), H, W, 3) RGB uint8: Recognizer.detect's
     image: np.ndarray | None = None  # BGR copy to draw on, given with its sink
     sink: Sink | None = None
     smoother: Smoother | None = None  # its video's, when its labels are smoothed

@@ -3,12 +3,13 @@
     rec = Recognizer("model/best.pt")          # or an exported .onnx
     faces = rec("photo.jpg")                   # a path, a numpy array (BGR or gray) or a PIL image
     faces[0].box, faces[0].label, faces[0].probs
-    probs = rec.classify(crops)                # (N, K) for faces already cropped
+    probs = rec.classify(crops)                # (N, K) for faces already cropped (rec.detect's, or pictures)
     for frame in rec.video("clip.mp4", stride=2, smooth=5): ...
 
 Detection, crops and preprocessing are faces.py's, as in `facesense predict` (which builds a
-Recognizer and calls `detect` and `classify`); the classes, input size and channels come
-from the model file.
+Recognizer and calls `detect` and `classify`); the classes, input size and channels, and the
+size and channels faces are cropped at (the model's training data's: 48x48 gray for FER2013,
+RGB for colour data), come from the model file.
 
 Threads: a Recognizer may be called from several threads at once. The classifier is shared
 (a PyTorch module in inference mode and an onnxruntime session both run concurrently), while
@@ -26,9 +27,8 @@ import numpy as np
 
 from facesense.core.errors import FaceSenseError
 from facesense.infer.faces import (DEFAULT_MARGIN, DETECTORS, HaarDetector, find_faces, read_image, resize_face,
-                                   to_gray)
+                                   to_source)
 from facesense.infer.tracks import Smoother, Tracker
-from pipeline.classes import FACE_SIZE
 
 # Version of the record layout shared by predictions.jsonl lines, predictions.meta.json and Face.to_dict():
 # 1 = source, frame, time_s, box, label, probs (+ track, frame_label, smooth_probs on video lines).
@@ -115,6 +115,11 @@ class Recognizer:
     def channels(self) -> int:
         return self.classifier.pre.channels
 
+    @property
+    def crop_shape(self) -> tuple[int, ...]:
+        """One face crop's array shape: (H, W) gray or (H, W, 3) RGB, as the model's data held faces."""
+        return self.classifier.pre.crop_shape
+
     def _detector(self) -> HaarDetector | None:
         """This thread's cascade (see the module docstring); None with detector "none"."""
         if self.detector_name == "none":
@@ -124,12 +129,15 @@ class Recognizer:
         return self._local.detector
 
     def detect(self, image) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
-        """Face boxes in the picture and their (K, 48, 48) uint8 crops, made as training saw faces."""
-        return find_faces(to_gray(as_image(image)), self._detector(), self.margin)
+        """Face boxes in the picture and their (K, *crop_shape) uint8 crops (gray, or RGB for a colour model),
+        made as training saw faces."""
+        pre = self.classifier.pre
+        return find_faces(as_image(image), self._detector(), self.margin, pre.source_shape, pre.source_channels)
 
     def classify(self, crops) -> np.ndarray:
-        """(N, K) float64 probabilities for faces already cropped: an (N, H, W) or (N, H, W, C) array, or a
-        list of pictures (any size, gray or BGR), each made a 48x48 gray face; batched by batch_size."""
+        """(N, K) float64 probabilities for faces already cropped: a uint8 array of crop_shape crops (detect's:
+        gray, or RGB for a colour model) is used as it is; any other array (N, H, W) or (N, H, W, C), or a list,
+        is pictures (any size, gray or BGR), each resized whole to a crop; batched by batch_size."""
         crops = self._faces(crops)
         if not len(crops):
             return np.empty((0, len(self.classes)))
@@ -137,7 +145,8 @@ class Recognizer:
         return np.concatenate(parts)
 
     def _faces(self, crops) -> np.ndarray:
-        if isinstance(crops, np.ndarray) and crops.dtype == np.uint8 and crops.shape[1:] == (FACE_SIZE, FACE_SIZE):
+        pre = self.classifier.pre
+        if isinstance(crops, np.ndarray) and crops.dtype == np.uint8 and crops.shape[1:] == pre.crop_shape:
             return crops  # the detector's own crops: as they are
         if isinstance(crops, np.ndarray) and crops.ndim in (3, 4):
             crops = list(crops)
@@ -145,8 +154,9 @@ class Recognizer:
             raise FaceSenseError(f"crops: shape {crops.shape}; expected (N, H, W) gray or (N, H, W, 3) BGR faces, "
                                  f"or a list of pictures")
         if not crops:
-            return np.empty((0, FACE_SIZE, FACE_SIZE), np.uint8)
-        return np.stack([resize_face(to_gray(as_image(c, f"crops[{k}]"))) for k, c in enumerate(crops)])
+            return np.empty((0, *pre.crop_shape), np.uint8)
+        return np.stack([resize_face(to_source(as_image(c, f"crops[{k}]"), pre.source_channels), pre.source_shape)
+                         for k, c in enumerate(crops)])
 
     def faces(self, boxes: list, probs: np.ndarray) -> list[Face]:
         """Face objects for boxes and their probabilities (rows of classify)."""
@@ -189,7 +199,8 @@ class Recognizer:
         pre = self.classifier.pre
         return {"file": str(self.model_path), "sha256": self._sha256, "format": type(self.classifier).__name__,
                 "classes": self.classes, "input_size": pre.img_size, "channels": pre.channels,
-                "norm_mean": pre.mean, "norm_std": pre.std}
+                "norm_mean": pre.mean, "norm_std": pre.std, "source_shape": list(pre.source_shape),
+                "source_channels": pre.source_channels}
 
     def detector_info(self) -> dict:
         import cv2

@@ -6,7 +6,11 @@ optimizer/scheduler/EMA updates, and `loss_sum += loss` on the device. The host 
 for the device only every `log_every` steps (progress bar), at checkpoints and at
 epoch ends (validation).
 
-Selection is on `val` (PublicTest); `test` is never read here (`facesense eval` does).
+Targets are int64 labels, or with --soft-labels (B, K) FER+ vote distributions; one
+criterion takes both (`make_criterion`). Selection is on `val` (PublicTest), always scored
+against the majority label; `test` is never read here (`facesense eval` does). Input size
+and channels default to the data's (`config.for_data`), and checkpoints record the faces
+the model takes (`source`: the train split's image shape and channels) for predict's crops.
 
 Resuming. Checkpoints hold everything the next step depends on: weights, optimizer,
 scheduler, scaler, EMA, every rank's RNG state and loss sum, and the position
@@ -42,7 +46,7 @@ from torch import nn
 from facesense.core import data as rundata
 from facesense.core import runtime
 from facesense.core.checkpoint import load_checkpoint, save_checkpoint, selection_snapshot
-from facesense.core.config import TrainConfig, resume_differences
+from facesense.core.config import TrainConfig, for_data, resume_differences, source_record
 from facesense.core.errors import FaceSenseError
 from facesense.core.files import TMP_GLOB, write_bytes
 from facesense.core.model import check_input_size, create_model
@@ -72,11 +76,12 @@ class NonFiniteLoss(FaceSenseError):
 class Run:
     """One training run: what prepare() builds and the epoch loop advances."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # resolved against the data (config.for_data): what runs and what checkpoints record
     rt: runtime.Runtime
     out: Path
     manifest: dict  # manifest.json, read once
     data_id: dict  # split -> what was read (dir, counts, fingerprint, shard hashes): stored in checkpoints
+    source: dict  # the faces the model takes: the train split's {"image_shape", "channels"} (checkpoint "source")
     model: nn.Module  # the network (DDP and compile wrap it into `runner`)
     runner: nn.Module  # what the step calls: model, or DDP(model), compiled or not
     ema: object | None  # timm ModelEmaV3, when --ema
@@ -184,12 +189,14 @@ def prepare(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
     """
     out = Path(cfg.out)
     manifest, data_id = check_data(cfg, rt)
+    cfg = runtime.on_all_ranks(rt, lambda: for_data(cfg, manifest))  # channels, img_size: the data's by default
     ckpt = resume_from(cfg, rt, out, manifest, data_id)
     runtime.seed_everything(cfg.seed + rt.rank)  # DDP copies rank 0's initial weights to every rank
     model = runtime.on_all_ranks(rt, lambda: build_model(cfg, rt, len(manifest["classes"]), fresh=ckpt is None))
     autocast, scaler, batch_dtype = runtime.amp_setup(cfg.amp, cfg.amp_dtype, rt.device)
     train_loader, val_loader = open_loaders(cfg, rt, manifest, batch_dtype)
     if rt.is_main:
+        describe_loaders(train_loader, val_loader)
         clean_out(out, overwrite=cfg.overwrite)
     steps_per_epoch = len(train_loader)
     if rt.distributed:  # the loader pads ranks to equal steps; make sure, as a mismatch would hang DDP
@@ -199,9 +206,9 @@ def prepare(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
     optimizer = make_optimizer(model, cfg, rt.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio))
-    criterion = nn.CrossEntropyLoss(weight=class_weights(cfg, manifest, rt.device),
-                                    label_smoothing=cfg.label_smoothing)
-    run = Run(cfg, rt, out, manifest, data_id, model, model, None, optimizer, scheduler, scaler, criterion,
+    criterion = make_criterion(cfg, manifest, rt.device)
+    run = Run(cfg, rt, out, manifest, data_id, source_record(manifest, cfg.img_size), model, model, None,
+              optimizer, scheduler, scaler, criterion,
               autocast, train_loader, val_loader, steps_per_epoch,
               epoch_loss=torch.zeros((), device=rt.device), epoch_correct=torch.zeros((), device=rt.device))
     if ckpt:
@@ -317,6 +324,26 @@ def build_model(cfg: TrainConfig, rt: runtime.Runtime, num_classes: int, fresh: 
     return net
 
 
+def make_criterion(cfg: TrainConfig, manifest: dict, device: torch.device) -> nn.Module:
+    """Cross-entropy (class weights, label smoothing) of the logits against int64 (B,) labels or, with
+    --soft-labels, against (B, K) probabilities (the normalised FER+ votes): torch's CrossEntropyLoss takes
+    either, -sum_k w_k t_k log softmax(z)_k averaged over the batch, t smoothed towards uniform."""
+    return nn.CrossEntropyLoss(weight=class_weights(cfg, manifest, device), label_smoothing=cfg.label_smoothing)
+
+
+def hard_labels(targets: torch.Tensor) -> torch.Tensor:
+    """(B,) class indices of a batch's targets: the labels, or the most voted class of (B, K) distributions."""
+    return targets.argmax(1) if targets.dim() == 2 else targets
+
+
+def describe_loaders(train_loader, val_loader) -> None:
+    """The loaders' own line on what lives where (resident, streamed, decoded by what), when they give one."""
+    for loader in (train_loader, val_loader):
+        describe = getattr(loader, "describe", None)
+        if describe is not None:
+            print(describe())
+
+
 def uses_compile(cfg: TrainConfig, rt: runtime.Runtime) -> bool:
     return cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
 
@@ -324,12 +351,14 @@ def uses_compile(cfg: TrainConfig, rt: runtime.Runtime) -> bool:
 def open_loaders(cfg: TrainConfig, rt: runtime.Runtime, manifest: dict, dtype: torch.dtype):
     """(train loader over this rank's part, val loader). Every rank opens val too (small), so a bad val
     shard fails all ranks alike; rank 0 alone uses it. --cpu-augment picks the train loader's CPU engine;
-    val (no augmentation, a last batch of another size) stays on the reference: nothing to recompile."""
+    val (no augmentation, a last batch of another size) stays on the reference: nothing to recompile.
+    Val always yields the majority labels (never --soft-labels): selection scores them, as eval does."""
+    hard = dataclasses.replace(cfg, soft_labels=False)
     return runtime.on_all_ranks(rt, lambda: (
         rundata.open_split(cfg.data, "train", cfg, rt.device, train=True, batch_size=cfg.batch_size, dtype=dtype,
                            rank=rt.rank, world_size=rt.world_size, compile_cpu=cfg.cpu_augment == "compiled",
                            manifest=manifest),
-        rundata.open_split(cfg.data, "val", cfg, rt.device, train=False, batch_size=cfg.batch_size, dtype=dtype,
+        rundata.open_split(cfg.data, "val", hard, rt.device, train=False, batch_size=cfg.batch_size, dtype=dtype,
                            manifest=manifest)))
 
 
@@ -396,13 +425,13 @@ def train_one_epoch(run: Run, bar: ProgressBar) -> EpochStats:
     log = LogInterval(run, bar)
     start, steps, batch = time.perf_counter(), 0, run.first - 1
     log.data_wait.start()
-    for batch, (images, labels) in enumerate(run.train_loader, start=run.first):
+    for batch, (images, targets) in enumerate(run.train_loader, start=run.first):
         log.data_wait.stop()
-        loss, logits = train_step(run, images, labels)
+        loss, logits = train_step(run, images, targets)
         steps += 1
         log.add(loss)
         run.epoch_loss += loss
-        run.epoch_correct += (logits.detach().argmax(1) == labels).sum()  # on the device: no sync
+        run.epoch_correct += (logits.detach().argmax(1) == hard_labels(targets)).sum()  # on the device: no sync
         run.epoch_batches += 1
         bar.advance()
         last = batch + 1 >= run.steps_per_epoch or run.at_max_steps()
@@ -417,11 +446,12 @@ def train_one_epoch(run: Run, bar: ProgressBar) -> EpochStats:
     return EpochStats(batch + 1, steps, time.perf_counter() - start, log.data_wait.seconds())
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward under the AMP context, backward, optimiser, schedule and EMA: (detached float loss, logits)."""
+def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward under the AMP context, backward, optimiser, schedule and EMA: (detached float loss, logits).
+    targets: (B,) labels, or (B, K) vote distributions with --soft-labels."""
     with run.autocast:
         logits = run.runner(images)
-        loss = run.criterion(logits, labels)
+        loss = run.criterion(logits, targets)
     run.scaler.scale(loss).backward()
     if run.cfg.grad_clip:
         run.scaler.unscale_(run.optimizer)
@@ -543,7 +573,7 @@ def save(run: Run, position: tuple[int, int], is_best: bool) -> None:
                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                "scaler": run.scaler.state_dict(), "ranks": ranks, "epoch": position[0], "batch": position[1],
                "step": run.step, "best_accuracy": run.best, "history": run.history,
-               "config": run.cfg.to_dict(), "classes": run.classes, "data": run.data_id}
+               "config": run.cfg.to_dict(), "classes": run.classes, "data": run.data_id, "source": run.source}
     save_checkpoint(run.out / "last.pt", payload)
     if is_best:
         save_checkpoint(run.out / "best.pt", selection_snapshot(payload))
