@@ -54,16 +54,9 @@ def training_bytes(model: nn.Module, channels: int, img_size: int, batch_size: i
 
 def available_bytes(device: torch.device) -> int | None:
     """Memory free for this process: the GPU's free memory, or the host's MemAvailable (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from pipeline.residency import free_memory
+
+    return free_memory(device) or None
 
 
 def check_fits(model: nn.Module, channels: int, img_size: int, batch_size: int, amp: bool, model_name: str,
