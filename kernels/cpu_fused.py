@@ -73,6 +73,23 @@ def _row_index(index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return index.int() if images.numel() < 2**31 else index.long()
 
 
+def _sample_and_jitter(flat: torch.Tensor, p00: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+                       fx: torch.Tensor, fy: torch.Tensor, gain: torch.Tensor, contrast: torch.Tensor,
+                       into: torch.Tensor) -> torch.Tensor:
+    """Bilinear value from the four gathers at p00 (+dx right, +dy down), then the jitter, into `into`.
+
+    Shared by the gray and colour stages; dynamo traces through it, so each stage's graph is what
+    it was when the expression was written out in place.
+    """
+    v00, v01 = flat[p00].float(), flat[p00 + dx].float()
+    v10, v11 = flat[p00 + dy].float(), flat[p00 + dy + dx].float()
+    top = v00 + (v01 - v00) * fx
+    bottom = v10 + (v11 - v10) * fx
+    v = (top + (bottom - top) * fy) * (1.0 / 255.0)
+    into.copy_((gain * (0.5 + contrast * (v - 0.5))).clamp(0.0, 1.0))
+    return into
+
+
 def gray_stage(images: torch.Tensor, index: torch.Tensor, params: AugParams, size: int,
                into: torch.Tensor) -> torch.Tensor:
     """images[index] warped, sampled and jittered -> `into`, (B, size, size) float32 on [0, 1].
@@ -99,15 +116,8 @@ def gray_stage(images: torch.Tensor, index: torch.Tensor, params: AugParams, siz
     dy = (yi < h - 1).int() * w  # step to the row below (0 on the last row)
     flat = images.reshape(-1)
     p00 = per_sample(_row_index(index, images) * (h * w)) + yi * w + xi
-    v00, v01 = flat[p00].float(), flat[p00 + dx].float()
-    v10, v11 = flat[p00 + dy].float(), flat[p00 + dy + dx].float()
-    top = v00 + (v01 - v00) * fx
-    bottom = v10 + (v11 - v10) * fx
-    v = (top + (bottom - top) * fy) * (1.0 / 255.0)
-    gain = per_sample(params.brightness.to(device).float())
-    contrast = per_sample(params.contrast.to(device).float())
-    into.copy_((gain * (0.5 + contrast * (v - 0.5))).clamp(0.0, 1.0))
-    return into
+    return _sample_and_jitter(flat, p00, dx, dy, fx, fy, per_sample(params.brightness.to(device).float()),
+                              per_sample(params.contrast.to(device).float()), into)
 
 
 def colour_stage(images: torch.Tensor, index: torch.Tensor, params: AugParams, size: int,
@@ -137,15 +147,8 @@ def colour_stage(images: torch.Tensor, index: torch.Tensor, params: AugParams, s
     dy = (yi < h - 1).int() * (w * c)  # step to the row below (0 on the last row)
     flat = images.reshape(-1)
     p00 = (per_sample(_row_index(index, images) * (h * w)) + yi * w + xi) * c + channel
-    v00, v01 = flat[p00].float(), flat[p00 + dx].float()
-    v10, v11 = flat[p00 + dy].float(), flat[p00 + dy + dx].float()
-    top = v00 + (v01 - v00) * fx
-    bottom = v10 + (v11 - v10) * fx
-    v = (top + (bottom - top) * fy) * (1.0 / 255.0)
-    gain = per_sample(params.brightness.to(device).float())
-    contrast = per_sample(params.contrast.to(device).float())
-    into.copy_((gain * (0.5 + contrast * (v - 0.5))).clamp(0.0, 1.0))
-    return into
+    return _sample_and_jitter(flat, p00, dx, dy, fx, fy, per_sample(params.brightness.to(device).float()),
+                              per_sample(params.contrast.to(device).float()), into)
 
 
 def finish_stage(planes: torch.Tensor, params: AugParams, out: OutputSpec,
